@@ -1,0 +1,153 @@
+"""What a user sees: one line per step, metrics.jsonl, tensorboard, PNG curves, and the loss-hacking alarm.
+
+Only the logging rank (global rank 0) writes; the others hold a disabled logger, so callers never
+branch on rank themselves.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# Keys shown on the one-line summary, in this order, with their short names.
+CONSOLE_KEYS = [
+    ("reward", "reward"), ("accuracy", "acc"), ("kl_prcp", "kl_prcp"), ("entropy", "ent"),
+    ("entropy_masked", "ent_mask"), ("clip_frac_low", "clip_lo"), ("clip_frac_high", "clip_hi"),
+    ("ref_kl", "ref_kl"), ("grad_norm", "gnorm"), ("response_len", "len"), ("tokens_per_s", "tok/s"),
+]
+# Curves plotted at the end of a run (one panel each, when present).
+PLOT_KEYS = ["reward", "accuracy", "kl_prcp", "entropy", "entropy_masked", "ref_kl", "clip_frac_high", "grad_norm"]
+
+
+@dataclass
+class MonitorConfig:
+    tensorboard: bool = True          # also write tensorboard event files (needs the tensorboard package)
+    plots: bool = True                # write PNG curves (needs matplotlib) at the end of a run
+    alarm_window: int = 5             # steps in the recent window compared against the earlier baseline
+    alarm_kl_factor: float = 3.0      # alarm when recent mean KL_prcp exceeds this factor x the baseline mean
+    alarm_entropy_rise: float = 0.10  # ... while BOTH entropies rose by at least this fraction
+    stop_on_alarm: bool = False       # stop the run (after a checkpoint) when the alarm fires
+
+
+def loss_hacking_alarm(history: list[dict[str, float]], cfg: MonitorConfig) -> str | None:
+    """PAPO's collapse signature (PAPO_SPEC.md): KL_prcp jumps while the entropies of BOTH the real
+    and the masked policy rise. Compares the last `alarm_window` steps with the steps before them.
+    Returns a human-readable reason, or None."""
+    w = cfg.alarm_window
+    rows = [h for h in history if all(k in h for k in ("kl_prcp", "entropy", "entropy_masked"))]
+    if len(rows) < 2 * w:
+        return None
+    base, recent = rows[:-w], rows[-w:]
+    mean = lambda rs, k: sum(r[k] for r in rs) / len(rs)  # noqa: E731
+    kl_base, kl_now = mean(base, "kl_prcp"), mean(recent, "kl_prcp")
+    rises = {k: (mean(recent, k) - mean(base, k)) / max(abs(mean(base, k)), 1e-8) for k in ("entropy", "entropy_masked")}
+    if kl_now > cfg.alarm_kl_factor * max(kl_base, 1e-8) and all(r >= cfg.alarm_entropy_rise for r in rises.values()):
+        return (f"possible loss hacking: KL_prcp {kl_base:.4g} -> {kl_now:.4g} (x{kl_now / max(kl_base, 1e-8):.1f}) "
+                f"while entropy rose {rises['entropy']:+.0%} and masked entropy {rises['entropy_masked']:+.0%} "
+                f"(last {cfg.alarm_window} steps vs before); consider lowering gamma or raising eta")
+    return None
+
+
+def format_line(step: int, metrics: dict[str, Any], phase_seconds: dict[str, float]) -> str:
+    parts = [f"step {step:>5d}"]
+    for key, short in CONSOLE_KEYS:
+        if key in metrics:
+            v = metrics[key]
+            parts.append(f"{short} {v:.4g}" if isinstance(v, float) else f"{short} {v}")
+    if phase_seconds:
+        parts.append("time " + " ".join(f"{k} {v:.1f}s" for k, v in phase_seconds.items()))
+    return " | ".join(parts)
+
+
+class MetricsLogger:
+    def __init__(self, out_dir: str | Path, cfg: MonitorConfig, enabled: bool = True, resume_step: int = 0):
+        self.cfg, self.enabled = cfg, enabled
+        self.out_dir = Path(out_dir)
+        self.history: list[dict[str, Any]] = []
+        self._tb = None
+        if not enabled:
+            return
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl_path = self.out_dir / "metrics.jsonl"
+        # A resumed run keeps the rows up to its checkpoint and drops those of steps it will redo.
+        if self.jsonl_path.exists():
+            rows = [json.loads(line) for line in self.jsonl_path.read_text().splitlines() if line.strip()]
+            self.history = [r for r in rows if r.get("step", 0) <= resume_step]
+            tmp = self.jsonl_path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in self.history))
+            os.replace(tmp, self.jsonl_path)
+        if cfg.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self._tb = SummaryWriter(str(self.out_dir / "tensorboard"), purge_step=resume_step + 1)
+            except ImportError:
+                print("[metrics] tensorboard is not installed: skipping tensorboard logs")
+
+    def log(self, step: int, metrics: dict[str, Any], phase_seconds: dict[str, float] | None = None) -> str | None:
+        """Record one step; prints the one-line summary. Returns the alarm text if the alarm fired."""
+        if not self.enabled:
+            return None
+        phase_seconds = phase_seconds or {}
+        row = {"step": step, **{k: _plain(v) for k, v in metrics.items()},
+               **{f"time/{k}": round(v, 4) for k, v in phase_seconds.items()}}
+        self.history.append(row)
+        with open(self.jsonl_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self._tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)) and math.isfinite(v):
+                    self._tb.add_scalar(k, v, step)
+            self._tb.flush()
+        print(format_line(step, row, phase_seconds), flush=True)
+        alarm = loss_hacking_alarm(self.history, self.cfg)
+        if alarm:
+            print(f"WARNING [step {step}] {alarm}", flush=True)
+        return alarm
+
+    def close(self) -> list[Path]:
+        """Flush tensorboard and write the PNG curves; returns the files written."""
+        if not self.enabled:
+            return []
+        if self._tb is not None:
+            self._tb.close()
+        return plot_curves(self.history, self.out_dir) if self.cfg.plots else []
+
+
+def plot_curves(history: list[dict[str, Any]], out_dir: Path) -> list[Path]:
+    keys = [k for k in PLOT_KEYS if any(k in h for h in history)]
+    if not keys:
+        return []
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("[metrics] matplotlib is not installed: no plots written")
+        return []
+    cols = min(4, len(keys))
+    rows = (len(keys) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        pts = [(h["step"], h[key]) for h in history if key in h]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".")
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    fig.tight_layout()
+    path = out_dir / "curves.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return [path]
+
+
+def _plain(v: Any) -> Any:
+    if hasattr(v, "item"):
+        v = v.item()
+    if isinstance(v, float):
+        return round(v, 8) if math.isfinite(v) else str(v)
+    return v
