@@ -1,0 +1,223 @@
+"""Rule-based rewards: PAPO's 0.9 * accuracy + 0.1 * format, and a plain exact match.
+
+accuracy: the answer in the LAST `\\boxed{}` (nested braces handled) graded against the ground truth:
+  a normalised string fast path (plain strings, colours, multiple-choice letters / option texts),
+  then math-verify (fractions, decimals, LaTeX) for short, safe-looking answers. Never eval.
+format: the reference regex `<think>.*</think>.*\\boxed\\{.*\\}.*` (full match, DOTALL), checked in
+  linear time. Like the reference, whitespace around `<`, `>` and `/` is removed first.
+
+Every grading call is bounded in time: inputs are capped in length; in the main thread
+math-verify's own signal timeouts apply; in any other thread (where signals cannot work) the
+math check runs in a helper process that is killed when it overruns.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import re
+import threading
+from dataclasses import dataclass
+from typing import Callable
+
+MAX_RESPONSE_CHARS = 32_768  # longer responses are graded on their last MAX_RESPONSE_CHARS characters
+MAX_MATH_CHARS = 256         # longer answers are compared as normalised strings only
+MAX_DIGIT_RUN = 40           # an answer with a longer number is compared as a string only
+MATH_TIMEOUT_S = 1           # per math-verify parse / verify call (integer seconds, as math-verify takes)
+ACCURACY_WEIGHT = 0.9        # PAPO_SPEC: reward = 0.9 * accuracy + 0.1 * format
+FORMAT_WEIGHT = 0.1
+
+
+@dataclass(frozen=True)
+class RewardResult:
+    reward: float    # what the advantage sees
+    accuracy: float  # 1.0 if the final answer is right
+    format: float    # 1.0 if the response has the <think>..</think> .. \boxed{} layout
+
+
+# ---------------------------------------------------------------- extraction and format
+
+_BOXED = "\\boxed{"
+_TAG_SPACE = re.compile(r"\s*(<|>|/)\s*")  # the reference's Qwen2.5-VL-32B spacing fix
+
+
+def clean_response(response: str) -> str:
+    return _TAG_SPACE.sub(r"\1", response[-MAX_RESPONSE_CHARS:])
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last `\\boxed{...}`, braces balanced; None when absent or never closed."""
+    start = text.rfind(_BOXED)
+    if start < 0:
+        return None
+    depth = 0
+    for i in range(start + len(_BOXED) - 1, len(text)):
+        c = text[i]
+        if c == "{":
+            depth += 1
+        elif c == "}":
+            depth -= 1
+            if depth == 0:
+                return text[start + len(_BOXED): i]
+    return None
+
+
+def format_ok(response: str) -> bool:
+    """re.fullmatch(r"<think>.*</think>.*\\\\boxed\\{.*\\}.*", response, re.DOTALL), in linear time.
+
+    A full match exists iff the text starts with <think> and has, in order after it, a </think>,
+    a \\boxed{ and a }; taking the earliest occurrence of each leaves the most room for the next.
+    """
+    if not response.startswith("<think>"):
+        return False
+    end_think = response.find("</think>", len("<think>"))
+    if end_think < 0:
+        return False
+    boxed = response.find(_BOXED, end_think + len("</think>"))
+    return boxed >= 0 and response.find("}", boxed + len(_BOXED)) >= 0
+
+
+# ---------------------------------------------------------------- string normalisation
+
+_WRAPPERS = re.compile(r"\\(?:text|textbf|mathrm|mathbf|textit|mbox)\{([^{}]*)\}")
+_CHOICE = re.compile(r"^\(?([a-h])\)?(?:[.:)]\s*(.*))?$")
+_WORD = re.compile(r"^[a-z][a-z '\-]*$")
+
+
+def normalize(s: str) -> str:
+    """Lower-case, unwrap \\text{..}/$..$, drop spaces and a trailing full stop: 'Red.' == '\\text{red}'."""
+    s = _WRAPPERS.sub(r"\1", s.strip())
+    s = s.replace("$", "").replace("\\!", "").replace("\\,", "").replace("\\ ", " ")
+    s = " ".join(s.lower().split()).rstrip(".").strip()
+    return s
+
+
+def choice_letter(s: str) -> str | None:
+    """'A', '(a)', 'A.', 'A) 12', 'B: red' -> the option letter; None for anything else."""
+    m = _CHOICE.match(normalize(s))
+    return m.group(1) if m else None
+
+
+def parse_choices(problem: str) -> dict[str, str] | None:
+    """Options written one per line as 'A. text', '(B) text' or 'C: text' -> {'a': text, ...}."""
+    found = {}
+    for line in problem.splitlines():
+        m = re.match(r"^\s*\(?([A-H])[.:)]\)?\s+(.+?)\s*$", line)
+        if m:
+            found[m.group(1).lower()] = m.group(2)
+    return found if len(found) >= 2 else None
+
+
+# ---------------------------------------------------------------- math equivalence, time-bounded
+
+def _unsafe_for_math(s: str) -> bool:
+    """Answers math-verify could spend unbounded time on (power towers, factorials, huge numbers)."""
+    return (len(s) > MAX_MATH_CHARS or s.count("^") > 1 or "!" in s
+            or re.search(r"\d{%d}" % (MAX_DIGIT_RUN + 1), s) is not None)
+
+
+def _math_equal_unbounded(pred: str, gold: str, timeout_s: int | None) -> bool:
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+
+    config = [LatexExtractionConfig(), ExprExtractionConfig()]
+    try:
+        g = parse(_BOXED + gold + "}", extraction_config=config, parsing_timeout=timeout_s)
+        p = parse(_BOXED + pred + "}", extraction_config=config, parsing_timeout=timeout_s)
+        return bool(g and p and verify(g, p, timeout_seconds=timeout_s))
+    except Exception:  # math-verify raises on pathological input; a failure to parse is a wrong answer
+        return False
+
+
+def _grader_loop(conn) -> None:
+    """Helper-process main loop: its own main thread, so math-verify's signal timeouts work here too."""
+    while True:
+        try:
+            pred, gold = conn.recv()
+        except EOFError:
+            return
+        conn.send(_math_equal_unbounded(pred, gold, MATH_TIMEOUT_S))
+
+
+class _GraderProcess:
+    """One lazily spawned helper process for math checks made off the main thread."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._proc = self._conn = None
+        self._warm = False  # has the current process answered once (its imports are done)?
+
+    def equal(self, pred: str, gold: str, timeout_s: float) -> bool:
+        with self._lock:
+            if self._proc is None or not self._proc.is_alive():
+                ctx = mp.get_context("spawn")
+                self._conn, child = ctx.Pipe()
+                self._proc = ctx.Process(target=_grader_loop, args=(child,), daemon=True)
+                self._proc.start()
+            self._conn.send((pred, gold))
+            # the first call also waits for the spawn (imports); later calls for one check
+            if self._conn.poll(timeout_s if self._warm else timeout_s + 30):
+                self._warm = True
+                return self._conn.recv()
+            self._proc.kill()  # overran: drop the process, the next call starts a fresh one
+            self._proc.join()
+            self._proc, self._warm = None, False
+            return False
+
+
+_GRADER = _GraderProcess()
+
+
+def math_equal(pred: str, gold: str) -> bool:
+    """math-verify equivalence with a hard time bound, in any thread."""
+    if _unsafe_for_math(pred) or _unsafe_for_math(gold):
+        return False
+    if threading.current_thread() is threading.main_thread():
+        return _math_equal_unbounded(pred, gold, MATH_TIMEOUT_S)
+    return _GRADER.equal(pred, gold, 4 * MATH_TIMEOUT_S)
+
+
+# ---------------------------------------------------------------- grading
+
+def grade_answer(pred: str | None, gold: str, choices: dict[str, str] | None = None) -> bool:
+    """Is the extracted answer `pred` the ground truth `gold`? (choices: letter -> option text)."""
+    if pred is None:
+        return False
+    pred, gold = pred[:MAX_RESPONSE_CHARS], str(gold)
+    p, g = normalize(pred), normalize(gold)
+    if not p:
+        return False
+    if p == g:
+        return True
+    pl, gl = choice_letter(pred), choice_letter(gold)
+    if gl is not None and len(g) <= 3:  # the ground truth is an option letter: 'A', '(A)', 'A.'
+        if pl == gl:
+            return True
+        return bool(choices) and normalize(choices.get(gl, "\0")) == p
+    if choices and pl is not None and normalize(choices.get(pl, "\0")) == g:
+        return True  # the model answered the letter of the option whose text is the ground truth
+    if _WORD.match(g) or _WORD.match(p):
+        return False  # plain words (colours, shape names) match as strings only: 'red' is not E*d*r
+    return math_equal(pred, gold)
+
+
+def papo_reward(response: str, ground_truth: str, choices: dict[str, str] | None = None) -> RewardResult:
+    response = clean_response(response)
+    accuracy = float(grade_answer(last_boxed(response), ground_truth, choices))
+    fmt = float(format_ok(response))
+    return RewardResult(ACCURACY_WEIGHT * accuracy + FORMAT_WEIGHT * fmt, accuracy, fmt)
+
+
+def exact_match_reward(response: str, ground_truth: str, choices: dict[str, str] | None = None) -> RewardResult:
+    """reward = accuracy = normalised string equality of the last \\boxed{} answer (format only logged)."""
+    response = clean_response(response)
+    pred = last_boxed(response)
+    accuracy = float(pred is not None and normalize(pred) == normalize(str(ground_truth)))
+    return RewardResult(accuracy, accuracy, float(format_ok(response)))
+
+
+RewardFn = Callable[..., RewardResult]
+REWARD_FNS: dict[str, RewardFn] = {"papo": papo_reward, "exact_match": exact_match_reward}
+
+
+def get_reward_fn(name: str) -> RewardFn:
+    if name not in REWARD_FNS:
+        raise ValueError(f"unknown reward function {name!r}; valid: {sorted(REWARD_FNS)}")
+    return REWARD_FNS[name]
