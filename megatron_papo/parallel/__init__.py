@@ -1,0 +1,7 @@
+"""Process groups, distributed init and the megatron-core CPU remedies."""
+from megatron_papo.parallel.cpu_compat import apply_cpu_remedies, remedies_applied
+from megatron_papo.parallel.distributed import destroy_model_parallel, initialize_model_parallel
+from megatron_papo.parallel.norm import RMSNorm
+
+__all__ = ["apply_cpu_remedies", "remedies_applied", "initialize_model_parallel", "destroy_model_parallel",
+           "RMSNorm"]

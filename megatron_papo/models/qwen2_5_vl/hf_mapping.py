@@ -1,0 +1,183 @@
+"""THE one Hugging Face <-> Megatron name and layout map for Qwen2.5-VL.
+
+Rules are data: a Megatron parameter name (full model, `{i}` = global layer/block index), the HF
+hub-layout name(s) it is built from (`model.*` LM, `visual.*`, `lm_head.*`), how its Megatron
+"full" tensor is assembled from them (`layout`) and how that full tensor is split over tensor
+parallel ranks (`shard`). Conversion, verification and vLLM weight sync use only this module.
+
+Megatron full-tensor layouts:
+  qkv      linear_qkv rows grouped per KV group: [g0: q heads of g0, k0, v0][g1: ...] (GQA aware);
+           from HF q/k/v (LM) or HF's fused [q; k; v] (vision, `fused_qkv`).
+  gate_up  linear_fc1 = [gate; up]; a TP shard is [gate_r; up_r] (each half split separately).
+  plain    the HF tensor as is.
+Shard kinds: column (dim 0), row (dim 1), vocab (rows padded to the TP-padded vocab, then dim 0),
+replicated.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from megatron_papo.models.qwen2_5_vl.flavors import Qwen2_5_VLConfig
+
+LM_PREFIX = "language_model."     # Qwen2_5_VLModel attribute holding the megatron GPTModel
+VISION_PREFIX = "vision_model."   # Qwen2_5_VLModel attribute holding Qwen2_5_VisionModel
+HF_VISION_PREFIX = "visual."
+
+SHARD_KINDS = ("column", "row", "vocab", "replicated")
+LAYOUTS = ("plain", "qkv", "fused_qkv", "gate_up")
+
+
+@dataclass(frozen=True)
+class Rule:
+    megatron: str              # Megatron parameter name; `{i}` = global layer (LM) or block (vision) index
+    hf: tuple[str, ...]        # HF hub-layout names, in the order `layout` expects
+    shard: str = "replicated"  # one of SHARD_KINDS
+    layout: str = "plain"      # one of LAYOUTS
+    scope: str = "lm"          # "lm" or "vision": which head counts / layer count apply
+
+    def __post_init__(self):
+        if self.shard not in SHARD_KINDS or self.layout not in LAYOUTS or self.scope not in ("lm", "vision"):
+            raise ValueError(f"bad rule {self}")
+
+    def at(self, i: int) -> "Rule":
+        """This rule for layer/block i (names with `{i}` filled in)."""
+        return Rule(self.megatron.format(i=i), tuple(h.format(i=i) for h in self.hf), self.shard,
+                    self.layout, self.scope)
+
+
+def lm_rules(cfg: Qwen2_5_VLConfig) -> list[Rule]:
+    """Language-model rules (local-spec names; checkpoints use megatron's sharded keys, see checkpoint_io)."""
+    layer, hf_layer = LM_PREFIX + "decoder.layers.{i}.", "model.layers.{i}."
+    rules = [
+        Rule(LM_PREFIX + "embedding.word_embeddings.weight", ("model.embed_tokens.weight",), "vocab"),
+        Rule(layer + "input_layernorm.weight", (hf_layer + "input_layernorm.weight",)),
+        Rule(layer + "self_attention.linear_qkv.weight",
+             tuple(hf_layer + f"self_attn.{p}_proj.weight" for p in "qkv"), "column", "qkv"),
+        Rule(layer + "self_attention.linear_qkv.bias",
+             tuple(hf_layer + f"self_attn.{p}_proj.bias" for p in "qkv"), "column", "qkv"),
+        Rule(layer + "self_attention.linear_proj.weight", (hf_layer + "self_attn.o_proj.weight",), "row"),
+        Rule(layer + "pre_mlp_layernorm.weight", (hf_layer + "post_attention_layernorm.weight",)),
+        Rule(layer + "mlp.linear_fc1.weight",
+             (hf_layer + "mlp.gate_proj.weight", hf_layer + "mlp.up_proj.weight"), "column", "gate_up"),
+        Rule(layer + "mlp.linear_fc2.weight", (hf_layer + "mlp.down_proj.weight",), "row"),
+        Rule(LM_PREFIX + "decoder.final_layernorm.weight", ("model.norm.weight",)),
+    ]
+    if not cfg.tie_word_embeddings:  # tied: the output layer reuses the embedding (megatron ties them)
+        rules.append(Rule(LM_PREFIX + "output_layer.weight", ("lm_head.weight",), "vocab"))
+    return rules
+
+
+# ======================= VISION SECTION (owned by the vision engineer) =======================
+# Rules for Qwen2_5_VisionModel. Megatron names are relative to the vision module (all_rules adds
+# VISION_PREFIX), HF names relative to `visual.` (all_rules adds HF_VISION_PREFIX); `{i}` is the
+# block index; use scope="vision" (head counts from cfg.vision). Layouts: "fused_qkv" for HF's
+# fused [q; k; v] qkv weight/bias, "gate_up" for the SwiGLU fc1 (weight and bias).
+def vision_rules(cfg: Qwen2_5_VLConfig) -> list[Rule]:
+    return []
+# ===================== END VISION SECTION ====================================================
+
+
+def all_rules(cfg: Qwen2_5_VLConfig, with_vision: bool = True) -> list[Rule]:
+    """Every rule, layer-expanded: one Rule per Megatron parameter of the full model."""
+    out = []
+    for rule in lm_rules(cfg):
+        out += [rule.at(i) for i in range(cfg.num_hidden_layers)] if "{i}" in rule.megatron else [rule]
+    if with_vision:
+        for rule in vision_rules(cfg):
+            rule = Rule(VISION_PREFIX + rule.megatron, tuple(HF_VISION_PREFIX + h for h in rule.hf),
+                        rule.shard, rule.layout, "vision")
+            out += [rule.at(i) for i in range(cfg.vision.depth)] if "{i}" in rule.megatron else [rule]
+    return out
+
+
+def hf_hub_name(name: str) -> str:
+    """transformers-5 in-memory names (`model.language_model.*`, `model.visual.*`) -> hub layout."""
+    if name.startswith("model.language_model."):
+        return "model." + name[len("model.language_model."):]
+    if name.startswith("model.visual."):
+        return HF_VISION_PREFIX + name[len("model.visual."):]
+    return name
+
+
+# ---------------------------------------------------------------- layouts
+def _heads(cfg: Qwen2_5_VLConfig, scope: str) -> tuple[int, int, int]:
+    """(query heads, kv groups, head_dim) for the rule's scope."""
+    if scope == "vision":
+        return cfg.vision.num_heads, cfg.vision.num_heads, cfg.vision.head_dim
+    return cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+
+
+def to_megatron(rule: Rule, hf_tensors: list[torch.Tensor], cfg: Qwen2_5_VLConfig) -> torch.Tensor:
+    """HF tensor(s) of a rule -> the Megatron full tensor (unpadded, unsharded)."""
+    if rule.layout == "plain":
+        return hf_tensors[0]
+    if rule.layout == "gate_up":
+        return torch.cat(hf_tensors, dim=0)
+    heads, groups, head_dim = _heads(cfg, rule.scope)
+    q, k, v = hf_tensors[0].chunk(3, dim=0) if rule.layout == "fused_qkv" else hf_tensors
+    rest = q.shape[1:]
+    per_group = heads // groups
+    q = q.reshape(groups, per_group * head_dim, *rest)
+    k, v = k.reshape(groups, head_dim, *rest), v.reshape(groups, head_dim, *rest)
+    return torch.cat([q, k, v], dim=1).reshape(-1, *rest)
+
+
+def to_hf(rule: Rule, full: torch.Tensor, cfg: Qwen2_5_VLConfig) -> list[torch.Tensor]:
+    """The Megatron full tensor (unpadded) -> the rule's HF tensor(s); inverse of `to_megatron`."""
+    if rule.layout == "plain":
+        return [full]
+    if rule.layout == "gate_up":
+        return list(full.chunk(2, dim=0))
+    heads, groups, head_dim = _heads(cfg, rule.scope)
+    per_group = heads // groups
+    rest = full.shape[1:]
+    grouped = full.reshape(groups, (per_group + 2) * head_dim, *rest)
+    q, k, v = grouped.split([per_group * head_dim, head_dim, head_dim], dim=1)
+    q, k, v = (t.reshape(-1, *rest) for t in (q, k, v))
+    return [torch.cat([q, k, v], dim=0)] if rule.layout == "fused_qkv" else [q, k, v]
+
+
+# ---------------------------------------------------------------- tensor-parallel sharding
+def padded_vocab_size(vocab_size: int, tp_size: int, divisible_by: int = 128) -> int:
+    """Megatron's padding: round up to a multiple of divisible_by * tp_size."""
+    multiple = divisible_by * tp_size
+    return -(-vocab_size // multiple) * multiple
+
+
+def shard(rule: Rule, full: torch.Tensor, tp_rank: int, tp_size: int, padded_vocab: int | None = None) -> torch.Tensor:
+    """Megatron full tensor -> this TP rank's local shard (contiguous)."""
+    if rule.shard == "replicated":
+        return full.contiguous()
+    if rule.shard == "vocab":
+        if padded_vocab is None or padded_vocab < full.shape[0]:
+            raise ValueError(f"{rule.megatron}: padded_vocab {padded_vocab} must be >= vocab {full.shape[0]}")
+        full = torch.cat([full, full.new_zeros(padded_vocab - full.shape[0], *full.shape[1:])])
+    dim = 1 if rule.shard == "row" and full.dim() > 1 else 0
+    if rule.shard == "row" and full.dim() == 1:  # a row-parallel bias is replicated
+        return full.contiguous()
+    if full.shape[dim] % tp_size:
+        raise ValueError(f"{rule.megatron}: dim {dim} of size {full.shape[dim]} not divisible by tp {tp_size}")
+    if rule.layout == "gate_up":
+        return torch.cat([half.chunk(tp_size, dim)[tp_rank] for half in full.chunk(2, dim)], dim).contiguous()
+    return full.chunk(tp_size, dim)[tp_rank].contiguous()
+
+
+def unshard(rule: Rule, shards: list[torch.Tensor], true_vocab: int | None = None) -> torch.Tensor:
+    """All TP ranks' shards (in rank order) -> the Megatron full tensor (vocab padding removed)."""
+    if rule.shard == "replicated" or (rule.shard == "row" and shards[0].dim() == 1):
+        return shards[0]
+    dim = 1 if rule.shard == "row" else 0
+    if rule.layout == "gate_up":
+        halves = [s.chunk(2, dim) for s in shards]
+        return torch.cat([torch.cat([h[j] for h in halves], dim) for j in (0, 1)], dim)
+    full = torch.cat(shards, dim)
+    return full[:true_vocab] if rule.shard == "vocab" else full
+
+
+def layer_index(name: str) -> int | None:
+    """The layer/block index in a Megatron name (`...layers.{i}.` / `...blocks.{i}.`), or None."""
+    m = re.search(r"\.(?:layers|blocks)\.(\d+)\.", name)
+    return int(m.group(1)) if m else None
