@@ -10,6 +10,8 @@ Megatron full-tensor layouts:
            from HF q/k/v (LM) or HF's fused [q; k; v] (vision, `fused_qkv`).
   gate_up  linear_fc1 = [gate; up]; a TP shard is [gate_r; up_r] (each half split separately).
   plain    the HF tensor as is.
+  conv_linear  the vision patch embedding: HF's Conv3d weight (out, C, T, P, P), stride = kernel,
+           is the linear weight (out, C*T*P*P) on pixel_values rows; flattened / reshaped back.
 Shard kinds: column (dim 0), row (dim 1), vocab (rows padded to the TP-padded vocab, then dim 0),
 replicated.
 """
@@ -27,7 +29,7 @@ VISION_PREFIX = "vision_model."   # Qwen2_5_VLModel attribute holding Qwen2_5_Vi
 HF_VISION_PREFIX = "visual."
 
 SHARD_KINDS = ("column", "row", "vocab", "replicated")
-LAYOUTS = ("plain", "qkv", "fused_qkv", "gate_up")
+LAYOUTS = ("plain", "qkv", "fused_qkv", "gate_up", "conv_linear")
 
 
 @dataclass(frozen=True)
@@ -76,7 +78,24 @@ def lm_rules(cfg: Qwen2_5_VLConfig) -> list[Rule]:
 # block index; use scope="vision" (head counts from cfg.vision). Layouts: "fused_qkv" for HF's
 # fused [q; k; v] qkv weight/bias, "gate_up" for the SwiGLU fc1 (weight and bias).
 def vision_rules(cfg: Qwen2_5_VLConfig) -> list[Rule]:
-    return []
+    layer, block = "decoder.layers.{i}.", "blocks.{i}."
+    rules = [Rule("patch_embed.weight", ("patch_embed.proj.weight",), "replicated", "conv_linear")]
+    for suffix in ("weight", "bias"):
+        rules += [
+            Rule(layer + f"self_attention.linear_qkv.{suffix}", (block + f"attn.qkv.{suffix}",), "column", "fused_qkv"),
+            Rule(layer + f"self_attention.linear_proj.{suffix}", (block + f"attn.proj.{suffix}",), "row"),
+            Rule(layer + f"mlp.linear_fc1.{suffix}",
+                 (block + f"mlp.gate_proj.{suffix}", block + f"mlp.up_proj.{suffix}"), "column", "gate_up"),
+            Rule(layer + f"mlp.linear_fc2.{suffix}", (block + f"mlp.down_proj.{suffix}",), "row"),
+            Rule(f"merger.linear_fc1.{suffix}", (f"merger.mlp.0.{suffix}",), "column"),
+            Rule(f"merger.linear_fc2.{suffix}", (f"merger.mlp.2.{suffix}",), "row"),
+        ]
+    rules += [
+        Rule(layer + "input_layernorm.weight", (block + "norm1.weight",)),
+        Rule(layer + "pre_mlp_layernorm.weight", (block + "norm2.weight",)),
+        Rule("merger.norm.weight", ("merger.ln_q.weight",)),
+    ]
+    return [Rule(r.megatron, r.hf, r.shard, r.layout, "vision") for r in rules]
 # ===================== END VISION SECTION ====================================================
 
 
@@ -116,6 +135,8 @@ def to_megatron(rule: Rule, hf_tensors: list[torch.Tensor], cfg: Qwen2_5_VLConfi
         return hf_tensors[0]
     if rule.layout == "gate_up":
         return torch.cat(hf_tensors, dim=0)
+    if rule.layout == "conv_linear":
+        return hf_tensors[0].flatten(1)
     heads, groups, head_dim = _heads(cfg, rule.scope)
     q, k, v = hf_tensors[0].chunk(3, dim=0) if rule.layout == "fused_qkv" else hf_tensors
     rest = q.shape[1:]
@@ -131,6 +152,9 @@ def to_hf(rule: Rule, full: torch.Tensor, cfg: Qwen2_5_VLConfig) -> list[torch.T
         return [full]
     if rule.layout == "gate_up":
         return list(full.chunk(2, dim=0))
+    if rule.layout == "conv_linear":
+        v = cfg.vision
+        return [full.reshape(full.shape[0], v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)]
     heads, groups, head_dim = _heads(cfg, rule.scope)
     per_group = heads // groups
     rest = full.shape[1:]
