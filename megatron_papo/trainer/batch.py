@@ -1,0 +1,123 @@
+"""From rollout samples to model micro-batches.
+
+An `Experience` is one (prompt, image, response) with everything the update needs. `collate`
+pads a list of them into a `MicroBatch` on the right; per-token tensors are aligned with the
+*targets*: position t predicts token t+1, so `targets[:, t] = input_ids[:, t+1]` and
+`response_mask[:, t]` is 1 exactly where that next token is a response token.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+import torch
+
+
+@dataclass
+class Experience:
+    sample_id: int                 # dataset sample id (seeds the image mask)
+    group: int                     # index of the prompt group (n responses share it)
+    prompt_ids: list[int]          # with the image pad tokens expanded
+    response_ids: list[int]
+    pixel_values: torch.Tensor     # [rows, patch_dim] for this prompt's images ([0, D] without images)
+    masked_pixel_values: torch.Tensor  # same shape, from the masked raw images
+    image_grid_thw: torch.Tensor   # [num_images, 3]
+    rollout_logp: list[float]      # sampling log-probs of response_ids (post-temperature)
+    finish_reason: str = "stop"
+    reward: float = 0.0
+    accuracy: float = 0.0
+    format_score: float = 0.0
+    advantage: float = 0.0
+    # filled by the no-grad passes, one value per response token
+    old_logp: torch.Tensor | None = None
+    ref_logp: torch.Tensor | None = None
+    mask_logp: torch.Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt_ids) + len(self.response_ids)
+
+
+@dataclass
+class MicroBatch:
+    input_ids: torch.Tensor        # [B, S] long, right-padded with pad_id
+    attention_mask: torch.Tensor   # [B, S] bool, True on real tokens
+    targets: torch.Tensor          # [B, S] long: input_ids shifted left (pad where none)
+    response_mask: torch.Tensor    # [B, S] float: 1 where targets[:, t] is a response token
+    pixel_values: torch.Tensor     # [rows of all images, patch_dim]
+    masked_pixel_values: torch.Tensor
+    image_grid_thw: torch.Tensor   # [num_images, 3]
+    advantages: torch.Tensor       # [B, S] float, the sequence advantage on response positions
+    old_logp: torch.Tensor | None = None   # [B, S], zeros off the response
+    ref_logp: torch.Tensor | None = None
+    mask_logp: torch.Tensor | None = None
+    position_ids: torch.Tensor | None = None  # [3, B, S] mrope positions (set by the model side)
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def num_response_tokens(self) -> int:
+        return int(self.response_mask.sum().item())
+
+    def to(self, device) -> "MicroBatch":
+        moved = {f.name: (v.to(device) if isinstance(v := getattr(self, f.name), torch.Tensor) else v)
+                 for f in fields(self)}
+        return MicroBatch(**moved)
+
+
+def _per_token(exps: list[Experience], attr: str, shape) -> torch.Tensor | None:
+    """Scatter each experience's per-response-token values to its target positions."""
+    if any(getattr(e, attr) is None for e in exps):
+        return None
+    out = torch.zeros(shape, dtype=torch.float32)
+    for b, e in enumerate(exps):
+        p, r = len(e.prompt_ids), len(e.response_ids)
+        out[b, p - 1: p - 1 + r] = getattr(e, attr).float()
+    return out
+
+
+def collate(exps: list[Experience], pad_id: int, pad_to_multiple: int = 1) -> MicroBatch:
+    if not exps:
+        raise ValueError("collate: empty list of experiences")
+    seq = max(e.length for e in exps)
+    seq = -(-seq // pad_to_multiple) * pad_to_multiple
+    shape = (len(exps), seq)
+    input_ids = torch.full(shape, pad_id, dtype=torch.long)
+    attention_mask = torch.zeros(shape, dtype=torch.bool)
+    response_mask = torch.zeros(shape, dtype=torch.float32)
+    advantages = torch.zeros(shape, dtype=torch.float32)
+    for b, e in enumerate(exps):
+        if not e.response_ids:
+            raise ValueError(f"collate: sample {e.sample_id} has an empty response")
+        ids = e.prompt_ids + e.response_ids
+        p, r = len(e.prompt_ids), len(e.response_ids)
+        input_ids[b, : len(ids)] = torch.tensor(ids)
+        attention_mask[b, : len(ids)] = True
+        response_mask[b, p - 1: p - 1 + r] = 1.0
+        advantages[b, p - 1: p - 1 + r] = e.advantage
+    targets = torch.full(shape, pad_id, dtype=torch.long)
+    targets[:, :-1] = input_ids[:, 1:]
+    return MicroBatch(
+        input_ids=input_ids, attention_mask=attention_mask, targets=targets, response_mask=response_mask,
+        pixel_values=torch.cat([e.pixel_values for e in exps]),
+        masked_pixel_values=torch.cat([e.masked_pixel_values for e in exps]),
+        image_grid_thw=torch.cat([e.image_grid_thw for e in exps]).long(),
+        advantages=advantages,
+        old_logp=_per_token(exps, "old_logp", shape),
+        ref_logp=_per_token(exps, "ref_logp", shape),
+        mask_logp=_per_token(exps, "mask_logp", shape),
+    )
+
+
+def split_response_values(values: torch.Tensor, exps: list[Experience]) -> list[torch.Tensor]:
+    """Inverse of the scatter in `collate`: [B, S] per-target values -> per-experience response values."""
+    out = []
+    for b, e in enumerate(exps):
+        p, r = len(e.prompt_ids), len(e.response_ids)
+        out.append(values[b, p - 1: p - 1 + r].detach().float().clone())
+    return out
+
+
+def make_micro_batches(exps: list[Experience], micro_batch_size: int) -> list[list[Experience]]:
+    """Consecutive chunks of `micro_batch_size` experiences (the order is the caller's)."""
+    if micro_batch_size <= 0:
+        raise ValueError(f"micro_batch_size must be positive, got {micro_batch_size}")
+    return [exps[i: i + micro_batch_size] for i in range(0, len(exps), micro_batch_size)]

@@ -1,0 +1,38 @@
+"""Micro-batch collation: targets/response masks aligned so position t predicts token t+1."""
+import pytest
+import torch
+
+from megatron_papo.trainer.batch import Experience, collate, make_micro_batches, split_response_values
+
+
+def _exp(i, prompt, response, rows=4):
+    return Experience(sample_id=i, group=0, prompt_ids=prompt, response_ids=response,
+                      pixel_values=torch.full((rows, 6), float(i)), masked_pixel_values=torch.zeros(rows, 6),
+                      image_grid_thw=torch.tensor([[1, 2, 2]]), rollout_logp=[-0.5] * len(response),
+                      advantage=float(i) - 0.5, old_logp=torch.arange(len(response), dtype=torch.float32) - 10)
+
+
+def test_collate_alignment_and_round_trip():
+    exps = [_exp(0, [5, 6, 7], [8, 9]), _exp(1, [5, 6], [10, 11, 12, 13])]
+    mb = collate(exps, pad_id=0)
+    assert mb.input_ids.tolist() == [[5, 6, 7, 8, 9, 0], [5, 6, 10, 11, 12, 13]]
+    assert mb.targets.tolist() == [[6, 7, 8, 9, 0, 0], [6, 10, 11, 12, 13, 0]]
+    # response_mask marks the positions whose *target* is a response token
+    for b in range(2):
+        picked = mb.targets[b][mb.response_mask[b].bool()].tolist()
+        assert picked == exps[b].response_ids
+    assert mb.attention_mask.sum(1).tolist() == [5, 6]
+    assert mb.advantages[0][mb.response_mask[0].bool()].tolist() == [-0.5, -0.5]
+    assert mb.pixel_values.shape == (8, 6) and mb.image_grid_thw.shape == (2, 3)
+    back = split_response_values(mb.old_logp, exps)
+    assert [t.tolist() for t in back] == [e.old_logp.tolist() for e in exps]
+    assert mb.ref_logp is None  # not computed yet
+    assert collate(exps, pad_id=0, pad_to_multiple=4).input_ids.shape == (2, 8)
+
+
+def test_errors_and_chunks():
+    with pytest.raises(ValueError, match="empty response"):
+        collate([_exp(0, [1, 2], [])], pad_id=0)
+    with pytest.raises(ValueError, match="micro_batch_size"):
+        make_micro_batches([], 0)
+    assert [len(c) for c in make_micro_batches(list(range(5)), 2)] == [2, 2, 1]
