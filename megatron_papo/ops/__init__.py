@@ -1,0 +1,2 @@
+from megatron_papo.ops.vocab_parallel import (VocabParallelStats, vocab_parallel_entropy, vocab_parallel_kl,
+                                              vocab_parallel_logprob, vocab_parallel_stats)
