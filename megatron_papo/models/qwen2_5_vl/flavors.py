@@ -216,10 +216,11 @@ FLAVORS: dict[str, Qwen2_5_VLConfig] = {
                             num_attention_heads=64, num_key_value_heads=8, vision=_VISION_32B_72B),
     # Tests and the CPU demo: GQA (4 q heads, 2 kv heads), 4 LLM layers (PP2 -> 2 per stage),
     # 4 ViT blocks with full attention at 1 and 3, windows of 2x2 merged tokens (56 px).
+    # head_dim 32 because vLLM's CPU attention supports head sizes 32, 64, 80, ... only.
     # Special token ids sit at the top of the 1024-token vocabulary (see data/tokenizer).
     "tiny": Qwen2_5_VLConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=1024, mrope_section=(2, 3, 3), max_position_embeddings=4096,
+        hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=1024, mrope_section=(4, 6, 6), max_position_embeddings=4096,
         bos_token_id=1016, eos_token_id=1017, vision_start_token_id=1018, vision_end_token_id=1019,
         image_token_id=1020, video_token_id=1021,
         vision=VisionConfig(depth=4, hidden_size=32, intermediate_size=64, num_heads=2,
