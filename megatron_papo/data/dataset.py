@@ -1,0 +1,294 @@
+"""The PAPO / ViRL39K training format and a deterministic, resumable iterator over any dataset.
+
+A data file is parquet or jsonl; each row has a problem text (with `<image>` placeholders), an
+answer and a list of images. An image is raw bytes, a file path (relative to the data file's folder,
+or absolute), or a `{"bytes": ..., "path": ...}` dict (bytes win when both are set). jsonl cannot hold raw
+bytes: there they are base64 strings, bare or as `{"bytes": "<base64>"}`; a bare string that names
+an existing file is a path.
+
+Bad rows (no answer, empty text, an image that does not decode, is absurdly small or large, or a
+placeholder count that does not match the images) are skipped, counted by reason and logged with
+their row id; they never stop a run. A file that cannot be read is an error naming the file.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import logging
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+from PIL import Image
+
+from megatron_papo.data.prompts import IMAGE_PLACEHOLDER, PROMPT_TEMPLATES, render_prompt
+from megatron_papo.data.rewards import parse_choices
+from megatron_papo.data.sample import Sample
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DataConfig:
+    path: str = ""                      # parquet or jsonl file in the PAPO / ViRL39K format
+    problem_key: str = "problem"        # column with the problem text (`<image>` marks each image)
+    answer_key: str = "answer"          # column with the ground-truth answer
+    image_key: str = "images"           # column with the list of images (bytes / path / {"bytes","path"})
+    prompt_template: str = "papo"       # a name in PROMPT_TEMPLATES or a literal template with `{content}`
+    min_image_side: int = 28            # images with a shorter side are bad rows (the processor needs 28 px)
+    max_image_side: int = 16384         # images with a longer side are bad rows
+    max_image_pixels: int = 100 * 1280 * 28 * 28  # images with more pixels are bad rows (100x PAPO's max_pixels)
+    seed: int = 0                       # shuffling seed (each epoch is a seeded permutation)
+    shuffle: bool = True                # False: file order every epoch
+
+    @property
+    def template(self) -> str:
+        return PROMPT_TEMPLATES.get(self.prompt_template, self.prompt_template)
+
+
+class BadRow(Exception):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+@dataclass
+class SkipStats:
+    """Bad rows by reason, with their row ids (the row's 0-based index in the file)."""
+    counts: Counter = field(default_factory=Counter)
+    rows: dict[str, list[int]] = field(default_factory=dict)
+    _seen: set = field(default_factory=set, repr=False)
+
+    def add(self, reason: str, row: int) -> None:
+        """Count a bad row once, however many epochs meet it."""
+        if (reason, row) in self._seen:
+            return
+        self._seen.add((reason, row))
+        self.counts[reason] += 1
+        self.rows.setdefault(reason, []).append(row)
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def summary(self) -> str:
+        if not self.total:
+            return "no bad rows"
+        parts = [f"{r}={n} (rows {self.rows[r][:5]}{'...' if n > 5 else ''})" for r, n in sorted(self.counts.items())]
+        return f"skipped {self.total} bad rows: " + ", ".join(parts)
+
+
+# ---------------------------------------------------------------- reading files
+
+def read_rows(path: str) -> list[dict]:
+    """All rows of a parquet or jsonl file as dicts; a clear error naming the file when unreadable."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"data file {path} does not exist")
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.read_table(path).to_pylist()
+        except Exception as e:
+            raise ValueError(f"data file {path} is not a readable parquet file: {e}") from e
+    if ext in (".jsonl", ".json"):
+        rows = []
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"data file {path} line {lineno} is not valid JSON: {e}") from e
+                if not isinstance(row, dict):
+                    raise ValueError(f"data file {path} line {lineno} is not a JSON object")
+                rows.append(row)
+        return rows
+    raise ValueError(f"data file {path}: unsupported extension {ext!r}; expected .parquet or .jsonl")
+
+
+def _image_bytes(image, folder: str) -> bytes:
+    """Raw bytes of one image given as bytes, a path, or a {"bytes", "path"} dict."""
+    if isinstance(image, dict):
+        if image.get("bytes") is not None:
+            image = image["bytes"]
+        elif image.get("path"):
+            image = image["path"]
+        else:
+            raise BadRow("missing_image", "image dict has neither bytes nor path")
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return bytes(image)
+    if isinstance(image, str):
+        path = image if os.path.isabs(image) else os.path.join(folder, image)
+        if not os.path.isfile(path):
+            try:  # jsonl cannot hold raw bytes: a long string that is not a file may be base64 bytes
+                if len(image) > 64:
+                    return base64.b64decode(image, validate=True)
+            except ValueError:
+                pass
+            raise BadRow("missing_image", f"image file {path} not found")
+        with open(path, "rb") as f:
+            return f.read()
+    raise BadRow("missing_image", f"image of type {type(image).__name__} (expected bytes, path or dict)")
+
+
+def _decode_b64(value):
+    """jsonl stores bytes as base64 strings inside {"bytes": ...}."""
+    if isinstance(value, dict) and isinstance(value.get("bytes"), str):
+        try:
+            return {**value, "bytes": base64.b64decode(value["bytes"], validate=True)}
+        except ValueError:
+            raise BadRow("undecodable_image", "image bytes are not valid base64") from None
+    return value
+
+
+# ---------------------------------------------------------------- the dataset
+
+class PapoDataset:
+    """Map-style dataset over the good rows of a PAPO / ViRL39K file; `ds[i]` is a Sample.
+
+    sample_id is the row's index in the file, so it survives filtering and reshuffling.
+    """
+
+    def __init__(self, config: DataConfig):
+        self.config = config
+        self.folder = os.path.dirname(os.path.abspath(config.path))
+        self.stats = SkipStats()
+        self._rows = read_rows(config.path)
+        for key in (config.problem_key, config.answer_key):
+            if self._rows and all(key not in r for r in self._rows):
+                raise ValueError(f"data file {config.path} has no column {key!r}; columns: {sorted(self._rows[0])}")
+        self._good: list[int] = []
+        for i, row in enumerate(self._rows):
+            try:
+                self._check(row, i)
+                self._good.append(i)
+            except BadRow as e:
+                self._skip(e, i)
+        logger.info("%s: %d good rows, %s", config.path, len(self._good), self.stats.summary())
+
+    def _skip(self, e: BadRow, row: int) -> None:
+        self.stats.add(e.reason, row)
+        logger.warning("%s row %d skipped: %s", self.config.path, row, e)
+
+    def _images_of(self, row: dict) -> list:
+        images = row.get(self.config.image_key) or []
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        return [_decode_b64(im) for im in images]
+
+    def _check(self, row: dict, i: int) -> None:
+        """Cheap checks at load time: text, answer, image headers (size) — no full decode."""
+        c = self.config
+        problem, answer = row.get(c.problem_key), row.get(c.answer_key)
+        if answer is None or not str(answer).strip():
+            raise BadRow("missing_answer", f"empty or missing {c.answer_key!r}")
+        if not isinstance(problem, str) or not problem.replace(IMAGE_PLACEHOLDER, "").strip():
+            raise BadRow("empty_text", f"empty or missing {c.problem_key!r}")
+        images = self._images_of(row)
+        n_placeholders = problem.count(IMAGE_PLACEHOLDER)
+        if n_placeholders and n_placeholders != len(images):
+            raise BadRow("placeholder_mismatch", f"{n_placeholders} {IMAGE_PLACEHOLDER} placeholders, {len(images)} images")
+        for image in images:
+            try:
+                with Image.open(io.BytesIO(_image_bytes(image, self.folder))) as im:
+                    w, h = im.size
+            except BadRow:
+                raise
+            except Exception as e:
+                raise BadRow("undecodable_image", f"{type(e).__name__}: {e}") from None
+            if min(w, h) < c.min_image_side:
+                raise BadRow("image_too_small", f"{w}x{h} px, min side {c.min_image_side}")
+            if max(w, h) > c.max_image_side or w * h > c.max_image_pixels:
+                raise BadRow("image_too_large", f"{w}x{h} px, max side {c.max_image_side}, max pixels {c.max_image_pixels}")
+
+    def __len__(self) -> int:
+        return len(self._good)
+
+    def load(self, index: int) -> Sample:
+        """Sample `index` (0 <= index < len); raises BadRow if an image fails to fully decode."""
+        c = self.config
+        row_id = self._good[index]
+        row = self._rows[row_id]
+        images = []
+        for image in self._images_of(row):
+            try:
+                with Image.open(io.BytesIO(_image_bytes(image, self.folder))) as im:
+                    images.append(np.asarray(im.convert("RGB"), dtype=np.uint8).copy())
+            except BadRow:
+                raise
+            except Exception as e:
+                raise BadRow("undecodable_image", f"{type(e).__name__}: {e}") from None
+        problem = row[c.problem_key]
+        if images and IMAGE_PLACEHOLDER not in problem:
+            problem = IMAGE_PLACEHOLDER * len(images) + problem  # images first, as chat UIs put them
+        return Sample(sample_id=row_id, prompt=render_prompt(c.template, problem), answer=str(row[c.answer_key]).strip(),
+                      images=images, choices=parse_choices(problem))
+
+    def __getitem__(self, index: int) -> Sample | None:
+        """Sample `index`, or None (counted and logged) when the row turns out bad on full decode."""
+        try:
+            return self.load(index)
+        except BadRow as e:
+            self._skip(e, self._good[index])
+            return None
+
+
+class ResumableIterator:
+    """Endless, deterministic iteration over a map-style dataset, epoch after epoch.
+
+    Epoch e visits the dataset in the order of a permutation seeded by (seed, e) (or file order
+    without shuffle). `state_dict()` is the position (epoch, index within the epoch); a run that
+    loads it continues with exactly the sample that would have come next. Items that come back as
+    None (rows found bad on full decode) are skipped; the skip is deterministic, so resume stays exact.
+    """
+
+    def __init__(self, dataset, seed: int = 0, shuffle: bool = True):
+        if len(dataset) == 0:
+            raise ValueError("dataset has no usable rows")
+        self.dataset, self.seed, self.shuffle = dataset, seed, shuffle
+        self.epoch, self.position = 0, 0
+        self._order = self._make_order()
+
+    def _make_order(self) -> np.ndarray:
+        n = len(self.dataset)
+        if not self.shuffle:
+            return np.arange(n)
+        return np.random.default_rng([self.seed, self.epoch]).permutation(n)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Sample:
+        for _ in range(len(self.dataset) + 1):  # at most one full epoch of bad rows before giving up
+            if self.position == len(self._order):
+                self.epoch, self.position = self.epoch + 1, 0
+                self._order = self._make_order()
+            index = int(self._order[self.position])
+            self.position += 1
+            sample = self.dataset[index]
+            if sample is not None:
+                return sample
+        raise RuntimeError("every row of the dataset failed to load")
+
+    def take(self, n: int) -> list[Sample]:
+        return [next(self) for _ in range(n)]
+
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "shuffle": self.shuffle, "epoch": self.epoch, "position": self.position,
+                "dataset_len": len(self.dataset)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["dataset_len"] != len(self.dataset) or state["seed"] != self.seed or state["shuffle"] != self.shuffle:
+            raise ValueError(f"iterator state {state} does not match this dataset (len {len(self.dataset)}, "
+                             f"seed {self.seed}, shuffle {self.shuffle})")
+        self.epoch, self.position = state["epoch"], state["position"]
+        self._order = self._make_order()
+
+
+def build_iterator(config: DataConfig) -> ResumableIterator:
+    return ResumableIterator(PapoDataset(config), seed=config.seed, shuffle=config.shuffle)
