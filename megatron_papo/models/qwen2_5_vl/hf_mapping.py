@@ -201,6 +201,20 @@ def unshard(rule: Rule, shards: list[torch.Tensor], true_vocab: int | None = Non
     return full[:true_vocab] if rule.shard == "vocab" else full
 
 
+# transformer-engine specs fuse the LM pre-attention/pre-MLP norms into the next linear.
+_TE_FUSED_NORMS = {"input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
+                   "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight"}
+
+
+def te_name(name: str) -> str:
+    """A local-spec Megatron LM name -> the transformer-engine-spec parameter name."""
+    if name.startswith(LM_PREFIX):
+        for local, te in _TE_FUSED_NORMS.items():
+            if name.endswith("." + local):
+                return name[: -len(local)] + te
+    return name
+
+
 def layer_index(name: str) -> int | None:
     """The layer/block index in a Megatron name (`...layers.{i}.` / `...blocks.{i}.`), or None."""
     m = re.search(r"\.(?:layers|blocks)\.(\d+)\.", name)

@@ -1,0 +1,207 @@
+"""HF folder and megatron dist-checkpoint I/O for Qwen2.5-VL, shared by tools/, the trainer and tests.
+
+All name/layout knowledge comes from hf_mapping; this module only moves tensors: HF safetensors ->
+this rank's shards (tensor by tensor), this rank's shards -> full HF tensors (TP all-gather), HF
+folders written in the hub layout, and atomic torch_dist checkpoints.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Iterable
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from megatron_papo.models.qwen2_5_vl import hf_mapping
+from megatron_papo.models.qwen2_5_vl.flavors import Qwen2_5_VLConfig
+from megatron_papo.models.qwen2_5_vl.hf_mapping import Rule
+
+HF_CONFIG = "config.json"
+LAYOUT_FILE = "megatron_papo_layout.json"  # written next to a dist checkpoint: tp, pp, dtype
+
+
+def read_hf_config(hf_dir: str | Path) -> Qwen2_5_VLConfig:
+    path = Path(hf_dir) / HF_CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: expected a Hugging Face Qwen2.5-VL config.json")
+    hf = json.loads(path.read_text())
+    if hf.get("model_type") not in ("qwen2_5_vl", None):
+        raise ValueError(f"{path}: model_type {hf.get('model_type')!r}, expected 'qwen2_5_vl'")
+    return Qwen2_5_VLConfig.from_hf_dict(hf)
+
+
+class HFReader:
+    """Reads one tensor at a time from an HF folder's safetensors (hub or transformers-5 names)."""
+
+    def __init__(self, hf_dir: str | Path):
+        hf_dir = Path(hf_dir)
+        index = hf_dir / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+        elif (hf_dir / "model.safetensors").is_file():
+            with safe_open(hf_dir / "model.safetensors", "pt") as f:
+                weight_map = {k: "model.safetensors" for k in f.keys()}
+        else:
+            raise FileNotFoundError(f"{hf_dir}: no model.safetensors or model.safetensors.index.json")
+        self.dir = hf_dir
+        self.files = {hf_mapping.hf_hub_name(k): (fname, k) for k, fname in weight_map.items()}
+
+    def names(self) -> list[str]:
+        return sorted(self.files)
+
+    def get(self, hub_name: str) -> torch.Tensor:
+        if hub_name not in self.files:
+            raise KeyError(f"{self.dir}: tensor {hub_name!r} not in the checkpoint")
+        fname, key = self.files[hub_name]
+        with safe_open(self.dir / fname, "pt") as f:
+            return f.get_tensor(key)
+
+
+# ------------------------------------------------------------------ model param <-> rule
+def _global_name(model, local_name: str) -> str:
+    """A stage-local parameter name -> the full-model name used by the rules."""
+    prefix = hf_mapping.LM_PREFIX + "decoder.layers."
+    if local_name.startswith(prefix):
+        i, rest = local_name[len(prefix):].split(".", 1)
+        return f"{prefix}{int(i) + model.layer_offset}.{rest}"
+    if local_name == hf_mapping.LM_PREFIX + "output_layer.weight" and model.hf_config.tie_word_embeddings:
+        return hf_mapping.LM_PREFIX + "embedding.word_embeddings.weight"  # last stage's copy of the tied weight
+    return local_name
+
+
+def param_rules(model) -> list[tuple[str, torch.nn.Parameter, Rule]]:
+    """(local name, parameter, rule) for every parameter of this stage; errors on unmapped ones."""
+    rules = {r.megatron: r for r in hf_mapping.all_rules(model.hf_config, with_vision=model.vision_model is not None)}
+    if model.use_te:
+        rules = {hf_mapping.te_name(k): r for k, r in rules.items()}
+    out = []
+    for name, param in model.named_parameters():
+        rule = rules.get(_global_name(model, name))
+        if rule is None:
+            raise KeyError(f"parameter {name} has no rule in hf_mapping")
+        out.append((name, param, rule))
+    return out
+
+
+@torch.no_grad()
+def load_hf_weights(model, reader: HFReader, show_progress: bool = False) -> None:
+    """Fill this rank's parameters from an HF folder, one HF tensor group at a time."""
+    tp_rank, tp_size = parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_tensor_model_parallel_world_size()
+    items = param_rules(model)
+    if show_progress:
+        from tqdm import tqdm
+        items = tqdm(items, desc=f"load tp{tp_rank}", unit="tensor")
+    for name, param, rule in items:
+        full = hf_mapping.to_megatron(rule, [reader.get(h) for h in rule.hf], model.hf_config)
+        local = hf_mapping.shard(rule, full, tp_rank, tp_size, model.padded_vocab_size)
+        if local.shape != param.shape:
+            raise ValueError(f"{name}: HF {rule.hf} give shard {tuple(local.shape)}, parameter is {tuple(param.shape)}")
+        param.copy_(local)
+
+
+def gather_hf_tensors(model, grads: bool = False) -> dict[str, torch.Tensor]:
+    """This stage's parameters (or their grads) as full HF hub-layout tensors (TP all-gathered).
+
+    The tied output layer on a non-first last stage is skipped (HF has no lm_head then); its grad is
+    added to the embedding's by megatron's finalize_model_grads, not here."""
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+    tp_size = dist.get_world_size(tp_group)
+    out = {}
+    for name, param, rule in param_rules(model):
+        if model.hf_config.tie_word_embeddings and name.endswith("output_layer.weight"):
+            continue
+        local = (param.main_grad if hasattr(param, "main_grad") and param.main_grad is not None else param.grad) \
+            if grads else param.detach()
+        if local is None:
+            raise ValueError(f"{name} has no grad")
+        shards = [torch.empty_like(local) for _ in range(tp_size)]
+        dist.all_gather(shards, local.contiguous(), group=tp_group)
+        full = hf_mapping.unshard(rule, shards, model.vocab_size)
+        out.update(zip(rule.hf, hf_mapping.to_hf(rule, full, model.hf_config)))
+    return out
+
+
+# ------------------------------------------------------------------ HF folders
+def write_hf_folder(out_dir: str | Path, cfg: Qwen2_5_VLConfig, tensors: Iterable[tuple[str, torch.Tensor]],
+                    max_shard_bytes: int = 4 << 30) -> None:
+    """Write (hub name, tensor) pairs as model-0000x-of-0000y.safetensors + index + config.json,
+    flushing a shard whenever it reaches max_shard_bytes (so at most one shard is in memory)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shards, current, size = [], {}, 0
+
+    def flush():
+        nonlocal current, size
+        if current:
+            tmp_name = f"part-{len(shards):05d}.safetensors"
+            save_file(current, out_dir / tmp_name, metadata={"format": "pt"})
+            shards.append((tmp_name, list(current)))
+            current, size = {}, 0
+
+    total, dtype = 0, torch.float32
+    for name, tensor in tensors:
+        dtype = tensor.dtype
+        current[name] = tensor.contiguous()
+        size += tensor.numel() * tensor.element_size()
+        total += tensor.numel() * tensor.element_size()
+        if size >= max_shard_bytes:
+            flush()
+    flush()
+    weight_map = {}
+    for i, (tmp_name, names) in enumerate(shards):
+        final = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        os.replace(out_dir / tmp_name, out_dir / final)
+        weight_map.update({n: final for n in names})
+    (out_dir / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+    hf = cfg.to_hf_dict()
+    hf["torch_dtype"] = hf["dtype"] = str(dtype).removeprefix("torch.")
+    (out_dir / HF_CONFIG).write_text(json.dumps(hf, indent=2))
+
+
+# ------------------------------------------------------------------ megatron dist checkpoints
+def save_dist_checkpoint(model, ckpt_dir: str | Path, hf_config: dict | None = None) -> None:
+    """torch_dist checkpoint of model.sharded_state_dict(), written to <ckpt>.tmp then renamed."""
+    ckpt_dir = Path(ckpt_dir)
+    tmp = ckpt_dir.with_name(ckpt_dir.name + ".tmp")
+    rank0 = dist.get_rank() == 0
+    if rank0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    dist_checkpointing.save(model.sharded_state_dict(), str(tmp))
+    dist.barrier()
+    if rank0:
+        (tmp / HF_CONFIG).write_text(json.dumps(hf_config or model.hf_config.to_hf_dict(), indent=2))
+        (tmp / LAYOUT_FILE).write_text(json.dumps({"tp": model.opts.tp, "pp": model.opts.pp,
+                                                  "dtype": str(model.opts.params_dtype).removeprefix("torch.")}))
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        os.replace(tmp, ckpt_dir)
+    dist.barrier()
+
+
+def load_dist_checkpoint(model, ckpt_dir: str | Path) -> None:
+    """Load a torch_dist checkpoint written at any TP/PP layout into this rank's stage."""
+    ckpt_dir = Path(ckpt_dir)
+    if not (ckpt_dir / ".metadata").is_file():
+        raise FileNotFoundError(f"{ckpt_dir}: not a torch_dist checkpoint (no .metadata)")
+    state = dist_checkpointing.load(model.sharded_state_dict(), str(ckpt_dir))
+    model.load_state_dict(state, strict=False)
+    missing = [k for k in model.state_dict() if k not in state and not k.endswith("_extra_state")]
+    if missing:
+        raise KeyError(f"{ckpt_dir}: checkpoint lacks {missing[:5]}")
+
+
+def dist_checkpoint_key(name: str) -> tuple[str, int | None]:
+    """Our full-model name -> (megatron sharded key, layer index on the stacked axis or None)."""
+    m = re.match(r"(.*\.layers\.)(\d+)\.(.*)", name)
+    if m and name.startswith(hf_mapping.LM_PREFIX):
+        return m.group(1) + m.group(3), int(m.group(2))
+    return name, None
