@@ -1,10 +1,12 @@
 """4-rank worker: vocab-parallel ops at TP = 1 (no group), 2 (subgroups {0,1}, {2,3}) and 4 (world),
-against a plain full-vocabulary float64 torch computation of the same logits."""
+against a plain full-vocabulary float64 torch computation of the same logits; and the exact-mode
+PAPO loss on shards against the same loss on the full logits."""
 import os
 
 import torch
 import torch.distributed as dist
 
+from megatron_papo.algos import load_preset, papo_loss_from_logits
 from megatron_papo.ops import (vocab_parallel_entropy, vocab_parallel_kl, vocab_parallel_logprob,
                                vocab_parallel_stats)
 
@@ -84,6 +86,27 @@ def check_wrappers(x, y, target, group, rank, tp, temperature):
     torch.testing.assert_close(lp2.reshape(-1), lp.detach()[:10], rtol=0, atol=0)
 
 
+def check_exact_loss(x, y, target, group, rank, tp):
+    """The exact-mode PAPO loss on TP shards equals the same loss on the full logits (one rank)."""
+    cfg = load_preset("papo_h", perception_mode="exact", entropy_mode="exact", masked_branch_grad=True)
+    g = torch.Generator().manual_seed(11)
+    old = -torch.rand(TOKENS, generator=g) * 3
+    ref = -torch.rand(TOKENS, generator=g) * 3
+    adv = torch.randn(TOKENS, generator=g)
+    mask = (torch.rand(TOKENS, generator=g) > 0.2).float()
+    results = []
+    for xs, ys, grp in ((shard(x, rank, tp), shard(y, rank, tp), group), (x.clone(), y.clone(), None)):
+        xs.requires_grad_(), ys.requires_grad_()
+        loss, _ = papo_loss_from_logits(xs[None], target[None], old[None], ref[None], adv[None], mask[None], cfg,
+                                        grp, masked_logits=ys[None], temperature=0.8, valid_vocab_size=VOCAB - 5)
+        loss.backward()
+        results.append((loss, xs.grad, ys.grad))
+    (loss, gx, gy), (loss1, gx1, gy1) = results
+    torch.testing.assert_close(loss, loss1, **TOL)
+    torch.testing.assert_close(gx, shard(gx1, rank, tp), **TOL)
+    torch.testing.assert_close(gy, shard(gy1, rank, tp), **TOL)
+
+
 def run_tp(tp, group, rank_in_group):
     g = torch.Generator().manual_seed(1234)  # same data on every rank
     x = torch.randn(TOKENS, VOCAB, generator=g) * 4
@@ -117,6 +140,7 @@ def run_tp(tp, group, rank_in_group):
     check_case("bf16", x, y, target, group, r, tp, temperature=0.7, dtype=torch.bfloat16,
                grad_tol=dict(rtol=1e-2, atol=1e-3))
     check_wrappers(x, y, target, group, r, tp, temperature=1.3)
+    check_exact_loss(x, y, target % (VOCAB - 5), group, r, tp)
 
 
 def main():
