@@ -1,0 +1,101 @@
+"""The rollout engine interface and its request / sampling / output dataclasses.
+
+The trainer talks to a `RolloutEngine` only; `vllm_engine.VLLMEngine` is the one implementation
+(all vLLM specifics live there).
+
+What the returned log-probs are (read this before using them in a loss)
+-----------------------------------------------------------------------
+`RolloutSample.response_logprobs[t]` is log q(o_t | prefix) where q is the distribution the token
+was actually drawn from:
+  * temperature T > 0, top_p = 1: q = softmax(logits / T) over the full vocabulary, i.e.
+    log_softmax(logits / T)[o_t] -- the same quantity the trainer computes from its own logits.
+  * top_p < 1: q is that distribution truncated to the nucleus (the smallest set of most likely
+    tokens whose mass reaches top_p) and renormalised. For a sampled token
+    log q = log_softmax(logits / T)[o_t] - log(nucleus mass), so it exceeds the full-vocabulary
+    value by -log(nucleus mass), which lies in [0, -log(top_p)] (<= 0.01005 for top_p = 0.99).
+  * temperature 0 (greedy): log_softmax(logits)[o_t] (no temperature).
+The PPO/PAPO importance ratio must use old log-probs that the TRAINER recomputes with the same
+formula as the new ones (log_softmax(logits / T) over the full vocabulary, as the PAPO reference
+code does); the engine's values are then a diagnostic of the train/inference mismatch (and the
+input of a truncated-importance-sampling correction, if one is added), not the ratio's denominator.
+"""
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+
+@dataclass
+class RolloutRequest:
+    """One prompt. `prompt_token_ids` holds ONE image-pad token per image (inside
+    <|vision_start|>..<|vision_end|>); the engine's processor expands it to the image's token count."""
+
+    prompt_token_ids: list[int]
+    images: list[Any] = field(default_factory=list)  # PIL images or (H, W, 3) uint8 arrays, in prompt order
+
+
+@dataclass
+class SamplingConfig:
+    """How responses are sampled (one config per generate call)."""
+
+    n: int = 1                          # responses per prompt
+    temperature: float = 1.0            # 0 = greedy
+    top_p: float = 1.0                  # nucleus sampling; < 1 changes the returned log-probs (see module doc)
+    max_new_tokens: int = 64            # response length cap; reaching it gives finish_reason "length"
+    stop_token_ids: list[int] = field(default_factory=list)  # besides the tokenizer's EOS
+    seed: int | None = None             # None: not reproducible; else per-sample seeds via sample_seed()
+
+
+@dataclass
+class RolloutSample:
+    """One response to one prompt."""
+
+    prompt_index: int                   # position of the request in the generate() call
+    sample_index: int                   # 0..n-1
+    prompt_token_ids: list[int]         # as the model saw them: image pads expanded
+    response_token_ids: list[int]       # includes the stop token when finish_reason == "stop"
+    response_logprobs: list[float]      # log q of each response token, q = sampling distribution (module doc)
+    finish_reason: Literal["stop", "length"]
+
+
+def sample_seed(seed: int, step: int, prompt_index: int, sample_index: int) -> int:
+    """A 63-bit seed for one sample, derived from (seed, step, prompt index, sample index).
+
+    Distinct tuples give statistically independent streams; the same tuple always gives the
+    same seed, so a step's n samples per prompt are reproducible regardless of batching."""
+    words = np.random.SeedSequence([seed, step, prompt_index, sample_index]).generate_state(2, np.uint32)
+    return (int(words[0]) << 31) ^ int(words[1])
+
+
+class RolloutEngine(abc.ABC):
+    """Generates responses and receives new weights (HF names, full tensors)."""
+
+    @abc.abstractmethod
+    def generate(self, requests: list[RolloutRequest], sampling: SamplingConfig,
+                 step: int = 0) -> list[list[RolloutSample]]:
+        """n samples for each request: result[prompt_index][sample_index]."""
+
+    @abc.abstractmethod
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy (a subset of) the weights in place; HF checkpoint names and layouts.
+        Caches derived from the old weights stay until reset_caches()."""
+
+    @abc.abstractmethod
+    def reset_caches(self) -> None:
+        """Drop everything computed with old weights (prefix/KV cache, vision encoder cache)."""
+
+    def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """load_weights then reset_caches: the engine follows the new weights."""
+        self.load_weights(weights)
+        self.reset_caches()
+
+    def sleep(self) -> None:
+        """Free accelerator memory between rollout phases (no-op where unsupported)."""
+
+    def wake_up(self) -> None:
+        """Undo sleep() before the next generate (no-op where unsupported)."""

