@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 
 from megatron_papo.models.qwen2_5_vl.flavors import PUBLISHED_PARAM_COUNTS, get_flavor
-from megatron_papo.models.qwen2_5_vl.scaling import (RECOMMENDED_72B_LAYOUT, Layout, TrainingSetup, busiest_stage,
-                                                     candidate_layouts, fits, naive_sync_traffic, plan_memory,
-                                                     smallest_gpu_count, stage_params, weight_sync_traffic)
+from megatron_papo.models.qwen2_5_vl.scaling import (RECOMMENDED_72B_LAYOUT, Layout, RolloutSetup, TrainingSetup,
+                                                     busiest_stage, candidate_layouts, fits, naive_sync_traffic,
+                                                     plan_memory, smallest_gpu_count, stage_params, vllm_bytes,
+                                                     weight_sync_traffic)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -170,3 +171,39 @@ def test_doc_tables_equal_tool_output():
     assert m.group(1) == _load_plan_memory_tool().render("72B"), \
         "docs/scaling.md is stale: paste the output of `python tools/plan_memory.py --flavor 72B`"
     assert f"**{RECOMMENDED_72B_LAYOUT}**" in doc
+
+
+def test_doc_prose_numbers_are_computed():
+    """Every number docs/scaling.md states in prose, rebuilt here from the code."""
+    doc = (REPO / "docs" / "scaling.md").read_text()
+    cfg, gb = get_flavor("72B"), 1e9
+    rec = plan_memory(cfg, RECOMMENDED_72B_LAYOUT)
+    small_layout, small_top = smallest_gpu_count(cfg, sleep_mode=True)
+    first, mid, *_ = stage_params(cfg, Layout(8, 4))
+    kv_tokens, seq = 262144, 6144
+    kv_per_token_gpu = 2 * 80 * 1 * 128 * 2                     # layers, 8 kv heads / TP8, head_dim, bf16
+    assert vllm_bytes(cfg, RolloutSetup())[1] == kv_tokens * kv_per_token_gpu
+    phrases = [
+        f"peaks at {busiest_stage(rec, True).peak(True) / gb:.1f} GB with sleep mode and "
+        f"{busiest_stage(rec, False).peak(False) / gb:.1f} GB without",
+        f"The smallest layout that fits is {small_layout} ({small_layout.world} GPUs)",
+        f"at {small_top.peak(True) / gb:.1f} of {0.9 * 80:.0f} GB",
+        f"{first.rank_params / 1e9:.2f} B parameters per GPU against {mid.rank_params / 1e9:.2f} B",
+        "152,064 -> 152,576 at t=8, i.e. 512 padding rows",
+        f"({kv_per_token_gpu // 1024} KiB per token per GPU at r=8)",
+        f"{kv_tokens:,} tokens per engine ({kv_tokens // seq} full {seq}-token sequences)",
+        f"bf16 weights, {PUBLISHED_PARAM_COUNTS['72B'] * 2 / gb:.1f} GB for 72B",
+        f"cannot hold {PUBLISHED_PARAM_COUNTS['72B'] * 2 / gb:.1f} GB on an 80 GB GPU",
+        f"every rank receives all {PUBLISHED_PARAM_COUNTS['72B'] * 2 / gb:.1f} GB",
+        f"at most 90% of 80 GB = {0.9 * 80:.0f} GB; the 10% ({0.1 * 80:.0f} GB)",
+    ]
+    for phrase in phrases:
+        assert phrase in " ".join(doc.split()), phrase
+    small = plan_memory(cfg, small_layout)                      # "and only with sleep mode"
+    assert not fits(busiest_stage(small, False).peak(False), 80e9, 0.10)
+    pp8 = plan_memory(cfg, Layout(8, 8, 1))                     # "TP8xPP8xDP1 fits too, with a lower peak"
+    assert fits(busiest_stage(pp8, False).peak(False), 80e9, 0.1)
+    assert busiest_stage(pp8, True).peak(True) < busiest_stage(rec, True).peak(True)
+    tp4 = plan_memory(cfg, Layout(4, 8, 1))                     # "TP4xPP8 does not fit at 32 GPUs"
+    assert not fits(busiest_stage(tp4, True).peak(True), 80e9, 0.1)
+    assert 152576 == -(-152064 // 1024) * 1024 and 152576 - 152064 == 512
