@@ -3,7 +3,7 @@
 // The mask is a pure function of (seed, sample_id, image_index, cell index): a counter-based
 // SplitMix64 hash, identical to the numpy fallback bit for bit, so every rank and a resumed
 // run draw the same mask. Outputs are fresh buffers; the input is never modified. Each output
-// byte is written once (memcpy of unmasked runs, memset/fill of masked ones), so the cost is
+// byte is written once (a branch-free select between input and fill bytes), so the cost is
 // close to a plain copy.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
@@ -92,27 +92,35 @@ py::list mask_raw_images(const std::vector<py::array>& images, uint64_t seed,
   if (sample_ids.size() != n || image_indices.size() != n)
     throw std::invalid_argument("sample_ids and image_indices need one entry per image");
 
-  py::list outputs;
+  // All outputs live in one fresh buffer (64-byte aligned slices): one large allocation is
+  // backed by huge pages, where one allocation per image pays a page fault every 4 KiB.
   std::vector<RawImage> work(n);
+  std::vector<int64_t> offset(n + 1, 0);
   for (size_t i = 0; i < n; ++i) {
     const py::array& im = images[i];
     if (im.ndim() != 3 || !py::isinstance<py::array_t<uint8_t>>(im) ||
         !(im.flags() & py::array::c_style))
       throw std::invalid_argument("images must be C-contiguous uint8 HxWxC arrays");
-    py::array_t<uint8_t> out({im.shape(0), im.shape(1), im.shape(2)});
     RawImage& r = work[i];
     r.src = static_cast<const uint8_t*>(im.data());
-    r.dst = out.mutable_data();
     r.h = im.shape(0), r.w = im.shape(1), r.c = im.shape(2);
     r.ncy = (r.h + patch_size - 1) / patch_size;
     r.ncx = (r.w + patch_size - 1) / patch_size;
-    outputs.append(std::move(out));
+    offset[i + 1] = offset[i] + (r.h * r.w * r.c + 63) / 64 * 64;
   }
-  // Bands of pixel rows across all images, so one large image still uses every thread.
-  std::vector<std::pair<int64_t, int64_t>> bands;  // (image, first row)
-  const int64_t band = std::max<int64_t>(patch_size, 32);
+  py::array_t<uint8_t> buffer(offset[n]);
+  py::list outputs;
+  for (size_t i = 0; i < n; ++i) {
+    RawImage& r = work[i];
+    r.dst = buffer.mutable_data() + offset[i];
+    outputs.append(py::array_t<uint8_t>({r.h, r.w, r.c}, r.dst, buffer));
+  }
+  // Work items: one row of cells (patch_size pixel rows) of one image, so a single large image
+  // still uses every thread.
+  std::vector<std::pair<int64_t, int64_t>> bands;  // (image, cell row)
   for (size_t i = 0; i < n; ++i)
-    for (int64_t y = 0; y < work[i].h; y += band) bands.emplace_back(i, y);
+    for (int64_t cy = 0; cy < work[i].ncy; ++cy) bands.emplace_back(i, cy);
+  const uint8_t fill_byte = static_cast<uint8_t>(fill);
 
   {
     py::gil_scoped_release release;
@@ -123,23 +131,29 @@ py::list mask_raw_images(const std::vector<py::array>& images, uint64_t seed,
       fill_cell_mask(image_key(seed, sample_ids[i], image_indices[i]), r.ncy * r.ncx, ratio,
                      exact, r.cells.data());
     }
-#pragma omp parallel for schedule(dynamic)
-    for (int64_t b = 0; b < static_cast<int64_t>(bands.size()); ++b) {
-      const RawImage& r = work[bands[b].first];
-      const int64_t cell_bytes = patch_size * r.c, row_bytes = r.w * r.c;
-      const int64_t y_end = std::min(r.h, bands[b].second + band);
-      for (int64_t y = bands[b].second; y < y_end; ++y) {
-        const uint8_t* cells = r.cells.data() + (y / patch_size) * r.ncx;
-        const uint8_t* src = r.src + y * row_bytes;
-        uint8_t* dst = r.dst + y * row_bytes;
-        // Runs of equal cells: one memcpy or memset per run.
-        for (int64_t cx = 0; cx < r.ncx;) {
-          int64_t end = cx + 1;
-          while (end < r.ncx && cells[end] == cells[cx]) ++end;
-          const int64_t lo = cx * cell_bytes, hi = std::min(end * cell_bytes, row_bytes);
-          if (cells[cx]) std::memset(dst + lo, fill, hi - lo);
-          else std::memcpy(dst + lo, src + lo, hi - lo);
-          cx = end;
+#pragma omp parallel
+    {
+      std::vector<uint8_t> keep, put;  // per byte of a pixel row: 0xFF/0 keep mask, fill bytes
+#pragma omp for schedule(dynamic, 8)
+      for (int64_t b = 0; b < static_cast<int64_t>(bands.size()); ++b) {
+        const RawImage& r = work[bands[b].first];
+        const int64_t cy = bands[b].second, row_bytes = r.w * r.c, cell_bytes = patch_size * r.c;
+        keep.resize(row_bytes);
+        put.resize(row_bytes);
+        for (int64_t cx = 0; cx < r.ncx; ++cx) {
+          const bool masked = r.cells[cy * r.ncx + cx];
+          const int64_t lo = cx * cell_bytes, len = std::min(cell_bytes, row_bytes - lo);
+          std::memset(keep.data() + lo, masked ? 0 : 0xFF, len);
+          std::memset(put.data() + lo, masked ? fill_byte : 0, len);
+        }
+        // Branch-free select over whole pixel rows: vectorises to a copy at memory speed.
+        const int64_t y_end = std::min(r.h, (cy + 1) * patch_size);
+        for (int64_t y = cy * patch_size; y < y_end; ++y) {
+          const uint8_t* __restrict src = r.src + y * row_bytes;
+          uint8_t* __restrict dst = r.dst + y * row_bytes;
+          const uint8_t* __restrict k = keep.data();
+          const uint8_t* __restrict f = put.data();
+          for (int64_t j = 0; j < row_bytes; ++j) dst[j] = (src[j] & k[j]) | f[j];
         }
       }
     }
