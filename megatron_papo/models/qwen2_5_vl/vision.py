@@ -34,17 +34,10 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 
 from megatron_papo.models.qwen2_5_vl.flavors import Qwen2_5_VLConfig, VisionConfig
+from megatron_papo.parallel.backend import use_transformer_engine
 from megatron_papo.parallel.norm import RMSNorm
 
 ROPE_THETA = 10000.0  # HF Qwen2.5-VL vision rotary base (not in config.json)
-
-
-def te_available() -> bool:
-    try:
-        import transformer_engine  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def vision_transformer_config(vision: VisionConfig, **overrides) -> TransformerConfig:
@@ -70,12 +63,13 @@ def vision_transformer_config(vision: VisionConfig, **overrides) -> TransformerC
         masked_softmax_fusion=False,
         apply_rope_fusion=False,
         pipeline_model_parallel_size=1,  # the tower lives whole on the first pipeline stage
-        sequence_parallel=False,
-        use_cpu_initialization=True,
+        sequence_parallel=False,  # the tower's few thousand patch rows stay whole on each TP rank
+        use_cpu_initialization=not torch.cuda.is_available(),
     )
     clash = sorted(set(overrides) & {"num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
                                      "num_query_groups", "kv_channels", "normalization", "gated_linear_unit",
-                                     "add_bias_linear", "add_qkv_bias", "pipeline_model_parallel_size"})
+                                     "add_bias_linear", "add_qkv_bias", "pipeline_model_parallel_size",
+                                     "sequence_parallel"})
     if clash:
         raise ValueError(f"vision_transformer_config: {clash} are fixed by the VisionConfig / architecture")
     return TransformerConfig(**{**fixed, **overrides})
@@ -258,7 +252,7 @@ class Qwen2_5_VisionModel(MegatronModule):
                  pg_collection: ProcessGroupCollection, use_te: bool | None = None):
         super().__init__(config=transformer_config)
         self.vision = config.vision
-        self.use_te = te_available() if use_te is None else use_te
+        self.use_te = use_transformer_engine(use_te)
         tc = transformer_config
         if tc.hidden_size != self.vision.hidden_size or tc.num_layers != self.vision.depth:
             raise ValueError("transformer_config does not match config.vision; build it with vision_transformer_config")
