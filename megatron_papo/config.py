@@ -134,9 +134,9 @@ def parse_overrides(items: list[str]) -> list[tuple[str, str]]:
     return out
 
 
-def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] = ()) -> T:
-    """Defaults of `cls`, then the YAML file (if any), then `key=value` overrides, in that order."""
-    cfg = cls()
+def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] = (), base: T | None = None) -> T:
+    """Defaults of `cls` (or `base`), then the YAML file (if any), then `key=value` overrides, in that order."""
+    cfg = cls() if base is None else base
     if path is not None:
         path = Path(path)
         try:
