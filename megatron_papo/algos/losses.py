@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_papo.algos.config import PAPOConfig
-from megatron_papo.ops.vocab_parallel import DEFAULT_CHUNK_SIZE, vocab_parallel_stats
+from megatron_papo.ops.vocab_parallel import vocab_parallel_stats
 
 LOG_RATIO_CLAMP = 20.0  # log-ratios are clamped to +-20 before exp
 K3_CLAMP = 10.0  # k3 values are clamped to +-10
@@ -180,7 +180,7 @@ def papo_loss(logp, old_logp, ref_logp, mask_logp, advantages, response_mask, cf
 def papo_loss_from_logits(logits, target, old_logp, ref_logp, advantages, response_mask, cfg: PAPOConfig,
                           tp_group: Optional[dist.ProcessGroup], *, masked_logits=None, mask_logp=None,
                           temperature: float = 1.0, valid_vocab_size: Optional[int] = None,
-                          chunk_size: int = DEFAULT_CHUNK_SIZE, num_micro_batches: int = 1,
+                          chunk_size: Optional[int] = None, num_micro_batches: int = 1,
                           global_token_count: Optional[float] = None):
     """PAPO loss of one micro-batch from vocab-parallel logits [batch, tokens, vocab/TP] of the
     real image (and `masked_logits` of the masked image), sampled `target` ids [batch, tokens].

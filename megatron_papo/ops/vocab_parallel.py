@@ -23,7 +23,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.distributed as dist
 
-DEFAULT_CHUNK_SIZE = 1024  # tokens per chunk; extra memory ~ a few x chunk_size x V/TP x 4 bytes
+CHUNK_ELEMENTS = 1 << 24  # default chunk: 2^24 fp32 elements (64 MiB) per [chunk, vocab/TP] temporary
 
 
 class VocabParallelStats(NamedTuple):
@@ -198,13 +198,14 @@ def vocab_parallel_stats(
     masked_logits: Optional[torch.Tensor] = None,
     temperature: float = 1.0,
     valid_vocab_size: Optional[int] = None,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: Optional[int] = None,
 ) -> VocabParallelStats:
     """Fused per-token log-prob / entropy / KL on vocab-parallel logits (see the module doc).
 
     logits, masked_logits: [..., V/TP] (same shape, any float dtype); target: [...] global token ids
     (< valid_vocab_size) or None; valid_vocab_size: the real vocabulary size (default: V/TP * TP,
-    i.e. no padding). Every returned tensor is differentiable w.r.t. both logits tensors (detach
+    i.e. no padding); chunk_size: tokens per chunk, None = as many as keep a [chunk, vocab/TP] fp32
+    temporary at CHUNK_ELEMENTS (peak extra memory is a handful of those). Every returned tensor is differentiable w.r.t. both logits tensors (detach
     masked_logits to keep the masked branch out of the gradient).
     """
     rank, tp = _rank_and_size(group)
@@ -220,6 +221,8 @@ def vocab_parallel_stats(
             raise ValueError(f"target must hold integer token ids, got dtype {target.dtype}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    if chunk_size is None:
+        chunk_size = max(1, CHUNK_ELEMENTS // logits.shape[-1])
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     full_vocab = logits.shape[-1] * tp
@@ -238,21 +241,21 @@ def vocab_parallel_stats(
 
 
 def vocab_parallel_logprob(logits, target, group, temperature=1.0, valid_vocab_size=None,
-                           chunk_size=DEFAULT_CHUNK_SIZE) -> torch.Tensor:
+                           chunk_size=None) -> torch.Tensor:
     """log softmax(logits / T)[target] per token, fp32 [...]."""
     return vocab_parallel_stats(logits, group, target=target, temperature=temperature,
                                 valid_vocab_size=valid_vocab_size, chunk_size=chunk_size).logp
 
 
 def vocab_parallel_entropy(logits, group, temperature=1.0, valid_vocab_size=None,
-                           chunk_size=DEFAULT_CHUNK_SIZE) -> torch.Tensor:
+                           chunk_size=None) -> torch.Tensor:
     """Full-vocabulary entropy of softmax(logits / T) per token, fp32 [...]."""
     return vocab_parallel_stats(logits, group, temperature=temperature,
                                 valid_vocab_size=valid_vocab_size, chunk_size=chunk_size).entropy
 
 
 def vocab_parallel_kl(logits_p, logits_q, group, temperature=1.0, valid_vocab_size=None,
-                      chunk_size=DEFAULT_CHUNK_SIZE) -> torch.Tensor:
+                      chunk_size=None) -> torch.Tensor:
     """KL(softmax(logits_p / T) || softmax(logits_q / T)) per token, fp32 [...]; grads to both."""
     return vocab_parallel_stats(logits_p, group, masked_logits=logits_q, temperature=temperature,
                                 valid_vocab_size=valid_vocab_size, chunk_size=chunk_size).kl
