@@ -181,6 +181,7 @@ def save_dist_checkpoint(model, ckpt_dir: str | Path, hf_config: dict | None = N
     if rank0:
         (tmp / HF_CONFIG).write_text(json.dumps(hf_config or model.hf_config.to_hf_dict(), indent=2))
         (tmp / LAYOUT_FILE).write_text(json.dumps({"tp": model.opts.tp, "pp": model.opts.pp,
+                                                  "padded_vocab_size": model.padded_vocab_size,
                                                   "dtype": str(model.opts.params_dtype).removeprefix("torch.")}))
         shutil.rmtree(ckpt_dir, ignore_errors=True)
         os.replace(tmp, ckpt_dir)
@@ -201,7 +202,107 @@ def load_dist_checkpoint(model, ckpt_dir: str | Path) -> None:
 
 def dist_checkpoint_key(name: str) -> tuple[str, int | None]:
     """Our full-model name -> (megatron sharded key, layer index on the stacked axis or None)."""
-    m = re.match(r"(.*\.layers\.)(\d+)\.(.*)", name)
-    if m and name.startswith(hf_mapping.LM_PREFIX):
+    m = re.match(r"(.*\.decoder\.layers\.)(\d+)\.(.*)", name)
+    if m:
         return m.group(1) + m.group(3), int(m.group(2))
     return name, None
+
+
+def checkpoint_layout(ckpt_dir: str | Path) -> dict:
+    """{tp, pp, padded_vocab_size, dtype} the checkpoint was written with."""
+    path = Path(ckpt_dir) / LAYOUT_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: expected the layout file written by save_dist_checkpoint")
+    return json.loads(path.read_text())
+
+
+def _checkpoint_key_candidates(key: str) -> list[str]:
+    """Local-spec layers save their norms under transformer-engine names (sharded_state_dict_keys_map)."""
+    return [key, key.replace(".input_layernorm.", ".self_attention.linear_qkv.layer_norm_")
+            .replace(".pre_mlp_layernorm.", ".mlp.linear_fc1.layer_norm_")]
+
+
+class _SlicePlanner:
+    """torch.distributed.checkpoint load planner reading given slices (offsets, shape) of saved tensors
+    into plain tensors; megatron's own load cannot read part of a stacked tensor on one rank."""
+
+    def __init__(self, requests: dict[str, tuple[str, tuple[int, ...], torch.Tensor]]):
+        self.requests = requests  # name -> (checkpoint key, offsets, destination)
+
+    def set_up_planner(self, state_dict, metadata=None, is_coordinator=False, **kwargs):
+        self.metadata = metadata
+
+    def create_local_plan(self):
+        from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+        from torch.distributed.checkpoint.planner import LoadPlan
+        from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+        items = []
+        for name, (key, offsets, dest) in self.requests.items():
+            chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=dest.shape)
+            for item in create_read_items_for_chunk_list(key, self.metadata.state_dict_metadata[key], [chunk]):
+                items.append(dataclasses_replace_fqn(item, name))
+        return LoadPlan(items)
+
+    def create_global_plan(self, plans):
+        return plans
+
+    def finish_plan(self, plan):
+        return plan
+
+    def resolve_tensor(self, read_item):
+        dest = self.requests[read_item.dest_index.fqn][2]
+        for dim, (start, length) in enumerate(zip(read_item.dest_offsets, read_item.lengths)):
+            dest = dest.narrow(dim, start, length)
+        return dest
+
+    def commit_tensor(self, read_item, tensor):
+        pass
+
+    def load_bytes(self, read_item, value):
+        raise ValueError(f"unexpected non-tensor item {read_item.dest_index.fqn}")
+
+
+def dataclasses_replace_fqn(item, name):
+    """A read item whose destination is our request `name` (the storage side keeps the checkpoint key)."""
+    import dataclasses
+
+    return dataclasses.replace(item, dest_index=dataclasses.replace(item.dest_index, fqn=name))
+
+
+def iter_dist_checkpoint_as_hf(ckpt_dir: str | Path, cfg: Qwen2_5_VLConfig, show_progress: bool = False):
+    """Yield (HF hub name, tensor) from a torch_dist checkpoint, reading one layer's tensors at a time
+    (full tensors, whatever TP/PP wrote them). Runs in one plain process."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
+
+    reader = FileSystemReader(str(ckpt_dir))
+    metadata = reader.read_metadata().state_dict_metadata
+    groups: dict = {}
+    for rule in hf_mapping.all_rules(cfg):
+        key, layer = dist_checkpoint_key(rule.megatron)
+        found = [k for k in _checkpoint_key_candidates(key) if k in metadata]
+        if not found:
+            raise KeyError(f"{ckpt_dir}: no checkpoint tensor for {rule.megatron} (tried {key})")
+        groups.setdefault((key.split(".decoder.")[0], layer), []).append((rule, found[0], layer))
+    items = groups.values()
+    if show_progress:
+        from tqdm import tqdm
+        items = tqdm(items, desc="convert", unit="layer")
+    for group in items:
+        requests = {}
+        for rule, key, layer in group:
+            md = metadata[key]
+            if layer is None:
+                requests[rule.megatron] = (key, (0,) * len(md.size), torch.empty(md.size, dtype=md.properties.dtype))
+            else:
+                shape = (1, *md.size[1:])
+                requests[rule.megatron] = (key, (layer,) + (0,) * (len(md.size) - 1),
+                                           torch.empty(shape, dtype=md.properties.dtype))
+        dcp_load({}, storage_reader=FileSystemReader(str(ckpt_dir)), planner=_SlicePlanner(requests), no_dist=True)
+        for rule, _, layer in group:
+            full = requests[rule.megatron][2]
+            full = full[0] if layer is not None else full
+            if rule.shard == "vocab":
+                full = full[: cfg.vocab_size]
+            yield from zip(rule.hf, hf_mapping.to_hf(rule, full, cfg))

@@ -42,6 +42,7 @@ class ModelParallelOptions:
     params_dtype: torch.dtype = torch.float32  # bf16 on GPU (fp32 main weights live in the optimizer)
     use_te: bool | None = None                 # None: transformer-engine specs when TE imports
     make_vocab_size_divisible_by: int = 128
+    padded_vocab_size: int | None = None       # set to a checkpoint's padded vocab to load it at another TP
     perform_initialization: bool = True        # False when weights are loaded right after (conversion)
 
     def __post_init__(self):
@@ -109,7 +110,11 @@ class Qwen2_5_VLModel(MegatronModule):
         self.pre_process = parallel_state.is_pipeline_first_stage() if pre_process is None else pre_process
         self.post_process = parallel_state.is_pipeline_last_stage() if post_process is None else post_process
         self.vocab_size = cfg.vocab_size  # true vocab: logits columns >= this are padding
-        self.padded_vocab_size = padded_vocab_size(cfg.vocab_size, opts.tp, opts.make_vocab_size_divisible_by)
+        self.padded_vocab_size = opts.padded_vocab_size or padded_vocab_size(
+            cfg.vocab_size, opts.tp, opts.make_vocab_size_divisible_by)
+        if self.padded_vocab_size < cfg.vocab_size or self.padded_vocab_size % opts.tp:
+            raise ValueError(f"padded_vocab_size {self.padded_vocab_size} must be >= vocab_size {cfg.vocab_size} "
+                             f"and divisible by tp={opts.tp}")
         self.layer_offset = get_transformer_layer_offset(tc)
         self.language_model = GPTModel(
             config=tc, transformer_layer_spec=language_block_spec(tc, self.use_te),

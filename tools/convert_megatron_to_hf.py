@@ -1,0 +1,29 @@
+"""Convert a megatron-core torch_dist checkpoint (written by convert_hf_to_megatron.py or the
+trainer, at any TP/PP) back to a Hugging Face folder that transformers' from_pretrained loads.
+
+Runs as one plain process (python tools/convert_megatron_to_hf.py --ckpt C --out D): it reads the
+checkpoint one layer at a time (full tensors, resharded by dist_checkpointing), converts them with
+hf_mapping and writes safetensors shards as they fill, so only one layer plus one output shard are
+in memory.
+"""
+import argparse
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", required=True, help="torch_dist checkpoint directory (with config.json)")
+    parser.add_argument("--out", required=True, help="output HF folder")
+    parser.add_argument("--max-shard-gb", type=float, default=4.0)
+    args = parser.parse_args(argv)
+
+    from megatron_papo.models.qwen2_5_vl.checkpoint_io import (iter_dist_checkpoint_as_hf, read_hf_config,
+                                                               write_hf_folder)
+
+    cfg = read_hf_config(args.ckpt)
+    write_hf_folder(args.out, cfg, iter_dist_checkpoint_as_hf(args.ckpt, cfg, show_progress=True),
+                    max_shard_bytes=int(args.max_shard_gb * (1 << 30)))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
