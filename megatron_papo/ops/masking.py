@@ -173,10 +173,17 @@ def mask_raw_images(images: Sequence[np.ndarray], *, seed: int, sample_ids: Sequ
         gh, gw = -(-h // patch_size), -(-w // patch_size)
         cells = _cell_mask_numpy(image_key(seed, sample_id, image_index), gh * gw, ratio,
                                  exact_ratio).reshape(gh, gw)
-        columns = cells.repeat(patch_size, 1)[:, :w]  # [gh, w]: masked pixel columns per cell row
-        out = im.copy()
+        # Per cell row, one byte per pixel-row byte: out = (in & keep) | put, as in the C++ code.
+        row_bytes = w * im.shape[2]
+        masked = cells.repeat(patch_size * im.shape[2], 1)[:, :row_bytes]
+        keep = np.where(masked, 0, 255).astype(np.uint8)
+        put = np.where(masked, fill, 0).astype(np.uint8)
+        out = np.empty_like(im)
+        src, dst = im.reshape(h, row_bytes), out.reshape(h, row_bytes)
         for cy in range(gh):
-            out[cy * patch_size:(cy + 1) * patch_size, columns[cy]] = fill
+            rows = slice(cy * patch_size, (cy + 1) * patch_size)
+            np.bitwise_and(src[rows], keep[cy], out=dst[rows])
+            np.bitwise_or(dst[rows], put[cy], out=dst[rows])
         outputs.append(out)
     return outputs
 
