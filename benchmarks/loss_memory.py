@@ -124,7 +124,7 @@ def run(variant, tokens, vocab, iters):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, default=512,
-                        help="tokens per micro-batch (naive needs ~6.4 MiB per token per rank: 512 keeps both ranks ~7 GB)")
+                        help="tokens per micro-batch (naive needs ~6.4 MiB/token/rank: 512 keeps both ranks ~7 GB)")
     parser.add_argument("--vocab", type=int, default=152064, help="(padded) vocabulary, Qwen2.5-VL's")
     parser.add_argument("--iters", type=int, default=3, help="measured forward+backward iterations")
     args = parser.parse_args()

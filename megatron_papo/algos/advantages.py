@@ -43,6 +43,7 @@ def overlong_penalty(response_lengths: torch.Tensor, max_response_length: int, b
     if buffer_len == 0:
         return torch.zeros(response_lengths.shape, dtype=torch.float32)
     if not 0 < buffer_len <= max_response_length:
-        raise ValueError(f"overlong buffer_len must be in [0, max_response_length={max_response_length}], got {buffer_len}")
+        raise ValueError(f"overlong buffer_len must be in [0, max_response_length={max_response_length}], "
+                         f"got {buffer_len}")
     over = response_lengths.float() - (max_response_length - buffer_len)
     return -(over / buffer_len).clamp(0, 1) * penalty_factor

@@ -83,7 +83,8 @@ def aggregate(values: torch.Tensor, response_mask: torch.Tensor, mode: str, num_
         return (per_seq * has_tokens).sum() / has_tokens.sum().clamp(min=1) / num_micro_batches
     if mode == "global_token_mean":
         if global_token_count is None or global_token_count <= 0:
-            raise ValueError(f"loss_agg_mode 'global_token_mean' needs global_token_count > 0, got {global_token_count}")
+            raise ValueError("loss_agg_mode 'global_token_mean' needs global_token_count > 0, "
+                             f"got {global_token_count}")
         return (values * m).sum() / global_token_count
     raise ValueError(f"loss_agg_mode must be one of ('token_mean', 'global_token_mean', 'seq_mean'), got {mode!r}")
 

@@ -67,11 +67,15 @@ def _global_max_and_pivot(z: torch.Tensor, w: Optional[torch.Tensor], r: Optiona
     to it so that KL and its gradient keep fp32 precision when logits are huge (+-1e4).
     """
     n = z.shape[0]
-    if z.shape[1] == 0:  # this rank holds vocab padding only
-        local = [z.new_full((n,), float("-inf"))] + ([z.new_full((n,), float("-inf")), z.new_zeros(n)] if w is not None else [])
+    if z.shape[1] == 0:  # this rank holds vocab padding only: it never owns the max
+        local = [z.new_full((n,), float("-inf"))]
+        if w is not None:
+            local += [z.new_full((n,), float("-inf")), z.new_zeros(n)]
     else:
         m_z, arg_z = z.max(dim=1)
-        local = [m_z] + ([w.amax(dim=1), r.gather(1, arg_z.unsqueeze(1)).squeeze(1)] if w is not None else [])
+        local = [m_z]
+        if w is not None:
+            local += [w.amax(dim=1), r.gather(1, arg_z.unsqueeze(1)).squeeze(1)]
     local = torch.stack(local)  # [k, n]
     if group is not None and dist.get_world_size(group) > 1:
         gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
@@ -111,13 +115,15 @@ class _VocabParallelStats(torch.autograd.Function):
             max_p, max_q, pivot = _global_max_and_pivot(z, w, r, group)
             a = z.sub_(max_p.unsqueeze(1))
             ea = a.exp()
-            # local partial sums over this rank's vocab, reduced over the group in one all-reduce
-            sums = [ea.sum(1), (ea * a).sum(1), _pick(a, local_target[s:e], on_rank[s:e]) if has_target else max_p * 0]
+            # local partial sums over this rank's vocab, reduced over the group in one all-reduce:
+            # S_p, S_p * E_a, a[target] [, S_q, S_q * E_b, b[target], S_p * K]
+            at_target = lambda v: (_pick(v, local_target[s:e], on_rank[s:e]) if has_target
+                                   else v.new_zeros(v.shape[0]))
+            sums = [ea.sum(1), (ea * a).sum(1), at_target(a)]
             if has_q:
                 b = w.sub_(max_q.unsqueeze(1))
                 eb = b.exp()
-                sums += [eb.sum(1), (eb * b).sum(1), _pick(b, local_target[s:e], on_rank[s:e]) if has_target else max_q * 0,
-                         (ea * r.sub_(pivot.unsqueeze(1))).sum(1)]
+                sums += [eb.sum(1), (eb * b).sum(1), at_target(b), (ea * r.sub_(pivot.unsqueeze(1))).sum(1)]
                 del b, eb, r
             del a, ea, z, w
             sums = _all_reduce_sum(torch.stack(sums), group)
@@ -151,6 +157,7 @@ class _VocabParallelStats(torch.autograd.Function):
         zero = torch.zeros(n_tokens, dtype=torch.float32, device=logits.device)
         g_logp, g_ent, g_logp_q, g_ent_q, g_kl = (
             zero if g is None else g.float() for g in (g_logp, g_ent, g_logp_q, g_ent_q, g_kl))
+        # With 1[y] the one-hot of the target:
         # dL/dz = g_logp 1[y] - p (g_logp + g_ent (a - E_a) - g_kl (r - c - K))
         # dL/dw = g_logp_q 1[y] - q (g_logp_q + g_ent_q (b - E_b)) + g_kl (q - p)
         # (the per-token parts folded into one constant each); both divided by T at the end.
@@ -159,6 +166,15 @@ class _VocabParallelStats(torch.autograd.Function):
         grad_p = torch.zeros_like(logits) if need_p else None
         grad_q = torch.zeros_like(masked_logits) if need_q else None
         col = lambda t, s, e: t[s:e].unsqueeze(1)
+        if target is not None:
+            local_target = target - ctx.vocab_start
+            on_rank = (local_target >= 0) & (local_target < n_valid)
+
+        def add_one_hot(grad_chunk, g, s, e):  # + g / T at the target column (fp32, before the cast)
+            if target is not None:
+                rows = torch.nonzero(on_rank[s:e]).squeeze(1)
+                grad_chunk[rows, local_target[s:e][rows]] += g[s:e][rows] / temperature
+            return grad_chunk
 
         for s in range(0, n_tokens, chunk_size):
             e = min(s + chunk_size, n_tokens)
@@ -173,21 +189,15 @@ class _VocabParallelStats(torch.autograd.Function):
                 if has_q:
                     factor.sub_(r_c.mul_(col(g_kl, s, e)))
                     del r_c
-                grad_p[s:e, :n_valid] = factor.mul_(p).div_(-temperature)
+                grad_p[s:e, :n_valid] = add_one_hot(factor.mul_(p).div_(-temperature), g_logp, s, e)
             del a, z
             if need_q:
                 b = w.sub_(col(stats[4], s, e))
                 q = (b - col(stats[5], s, e)).exp_()
                 factor = b.mul_(col(g_ent_q, s, e)).add_(col(const_q, s, e)).mul_(q)
                 factor.add_(p.mul_(col(g_kl, s, e))).sub_(q.mul_(col(g_kl, s, e)))
-                grad_q[s:e, :n_valid] = factor.div_(-temperature)
+                grad_q[s:e, :n_valid] = add_one_hot(factor.div_(-temperature), g_logp_q, s, e)
                 del b, q, factor
-        if target is not None:  # the one-hot parts, + g / T at the target column
-            local_target = target - ctx.vocab_start
-            rows = torch.nonzero((local_target >= 0) & (local_target < n_valid)).squeeze(1)
-            for grad, g in ((grad_p, g_logp), (grad_q, g_logp_q)):
-                if grad is not None:
-                    grad[rows, local_target[rows]] += (g[rows] / temperature).to(grad.dtype)
         return grad_p, grad_q, None, None, None, None, None
 
 
@@ -205,8 +215,8 @@ def vocab_parallel_stats(
     logits, masked_logits: [..., V/TP] (same shape, any float dtype); target: [...] global token ids
     (< valid_vocab_size) or None; valid_vocab_size: the real vocabulary size (default: V/TP * TP,
     i.e. no padding); chunk_size: tokens per chunk, None = as many as keep a [chunk, vocab/TP] fp32
-    temporary at CHUNK_ELEMENTS (peak extra memory is a handful of those). Every returned tensor is differentiable w.r.t. both logits tensors (detach
-    masked_logits to keep the masked branch out of the gradient).
+    temporary at CHUNK_ELEMENTS (peak extra memory is a handful of those). Every returned tensor is
+    differentiable w.r.t. both logits tensors (detach masked_logits to keep the masked branch out).
     """
     rank, tp = _rank_and_size(group)
     if logits.dim() < 2:
