@@ -236,9 +236,9 @@ def apply_cpu_remedies() -> bool:
         lambda seed, *args, **kwargs: seed_model_parallel_rng(seed, _tp_rank()))
 
     mappings.dist_reduce_scatter_func = _reduce_scatter_tensor
+    original_clip = clip_grads.clip_grad_by_total_norm_fp32  # before the loop rebinds clip_grads' own name
     for name, module in list(sys.modules.items()):
-        if name.startswith("megatron.core") and getattr(module, "clip_grad_by_total_norm_fp32", None) \
-                is clip_grads.clip_grad_by_total_norm_fp32:
+        if name.startswith("megatron.core") and getattr(module, "clip_grad_by_total_norm_fp32", None) is original_clip:
             module.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_fp32
     _APPLIED = True
     return True
