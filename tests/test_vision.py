@@ -7,12 +7,12 @@ import pytest
 import torch
 from transformers.vision_utils import get_vision_window_index
 
+from megatron_papo.models.qwen2_5_vl import hf_mapping
 from megatron_papo.models.qwen2_5_vl.vision import window_order
 from megatron_papo.parallel import destroy_model_parallel, initialize_model_parallel
-from tests.distributed import run_distributed
 from tests.dist.vision_worker import (GRIDS, TOL, build, hf_state, hf_visual, inputs, load_from_hf, local_name,
                                       tiny_config, vision_rules)
-from megatron_papo.models.qwen2_5_vl import hf_mapping
+from tests.distributed import run_distributed
 
 
 @pytest.fixture(scope="module")
@@ -26,9 +26,11 @@ def tp1():
     destroy_model_parallel()
 
 
-def test_tp1_matches_transformers_outputs_and_grads(tp1):
+@pytest.mark.parametrize("grids", [GRIDS, [(2, 4, 8), (1, 10, 6), (1, 2, 2)]], ids=["images", "video+images"])
+def test_tp1_matches_transformers_outputs_and_grads(tp1, grids):
     cfg, visual, model = tp1
-    pixels, grid, out_weight = inputs(cfg)
+    visual.zero_grad()
+    pixels, grid, out_weight = inputs(cfg, grids)
     reference = visual(pixels, grid_thw=grid).pooler_output
     (reference * out_weight).sum().backward()
     hf_grads = {hf_mapping.HF_VISION_PREFIX + k: p.grad for k, p in visual.named_parameters()}
@@ -37,7 +39,7 @@ def test_tp1_matches_transformers_outputs_and_grads(tp1):
     out = model(pixels, grid)
     (out * out_weight).sum().backward()
 
-    n_tokens = sum(t * h * w for t, h, w in GRIDS) // cfg.vision.spatial_merge_size**2
+    n_tokens = sum(t * h * w for t, h, w in grids) // cfg.vision.spatial_merge_size**2
     assert out.shape == (n_tokens, cfg.hidden_size)
     torch.testing.assert_close(out, reference, **TOL)
     params = dict(model.named_parameters())
@@ -46,7 +48,9 @@ def test_tp1_matches_transformers_outputs_and_grads(tp1):
         assert expected.abs().max() > 0, rule.megatron
         torch.testing.assert_close(params[local_name(rule)].grad, expected, **TOL,
                                    msg=lambda m: f"{rule.megatron}: {m}")
-    print(f"TP1 max|out-HF| {(out - reference).abs().max().item():.2e}")
+    grad_diff = max((params[local_name(r)].grad - hf_mapping.to_megatron(r, [hf_grads[h] for h in r.hf], cfg))
+                    .abs().max().item() for r in vision_rules(cfg))
+    print(f"TP1 {grids}: max|out-HF| {(out - reference).abs().max().item():.2e} max|grad-HF| {grad_diff:.2e}")
 
 
 def test_window_and_full_attention_both_matter(tp1):

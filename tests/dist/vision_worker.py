@@ -67,9 +67,9 @@ def build(cfg, pg_collection, tp_size, **config_overrides):
     return Qwen2_5_VisionModel(cfg, tc, pg_collection, use_te=False)
 
 
-def inputs(cfg, seed=1):
+def inputs(cfg, grids=GRIDS, seed=1):
     g = torch.Generator().manual_seed(seed)
-    grid = torch.tensor(GRIDS)
+    grid = torch.tensor(grids)
     pixels = torch.randn(int(grid.prod(-1).sum()), cfg.vision.patch_dim, generator=g)
     tokens = int(grid.prod(-1).sum()) // cfg.vision.spatial_merge_size**2
     # loss = sum(out * out_weight): scaled so that parameter gradients are O(1)
