@@ -2,8 +2,9 @@
 
 Why not `AutoProcessor`: `Qwen2_5_VLProcessor` builds a video processor that needs torchvision, which
 cannot be installed on CPU machines here (DEPENDENCY_NOTES). We load the two parts it wraps
-separately: the tokenizer (`AutoTokenizer`, tokenizer files of the model folder) and
-`Qwen2VLImageProcessor` (PIL backend; preprocessor_config.json of the model folder), and do the
+separately: the tokenizer (`AutoTokenizer`, tokenizer files of the model folder) and the image
+processor (`Qwen2VLImageProcessorPil` by default, or the torchvision `Qwen2VLImageProcessor`, from
+preprocessor_config.json of the model folder), and do the
 processor's only other job ourselves: expand each `<|image_pad|>` to grid_t*grid_h*grid_w/merge^2
 copies.
 
@@ -32,10 +33,13 @@ class ProcessorConfig:
     tokenizer_path: str | None = None  # HF model folder (tokenizer files + preprocessor_config.json); None = built-in tiny tokenizer
     min_pixels: int = 256 * 28 * 28    # images with fewer pixels are upscaled (PAPO: 256*28^2)
     max_pixels: int = 1280 * 28 * 28   # images with more pixels are downscaled (PAPO: 1280*28^2)
+    image_backend: str = "pil"         # "pil" (works without torchvision) or "torchvision"; resized images differ slightly
 
     def __post_init__(self) -> None:
         if not 0 < self.min_pixels <= self.max_pixels:
             raise ValueError(f"ProcessorConfig needs 0 < min_pixels <= max_pixels, got {self.min_pixels}, {self.max_pixels}")
+        if self.image_backend not in ("pil", "torchvision"):
+            raise ValueError(f"ProcessorConfig.image_backend {self.image_backend!r} must be 'pil' or 'torchvision'")
 
 
 @dataclass
@@ -80,19 +84,23 @@ class VLProcessor:
 
     @classmethod
     def from_config(cls, config: ProcessorConfig) -> "VLProcessor":
-        from transformers import Qwen2VLImageProcessor
+        import transformers
 
         from megatron_papo.data.tokenizer import build_tiny_tokenizer, load_tokenizer
 
+        # transformers 5: Qwen2VLImageProcessor is the torchvision backend, ...Pil the PIL one
+        image_cls = getattr(transformers, "Qwen2VLImageProcessorPil" if config.image_backend == "pil"
+                            else "Qwen2VLImageProcessor")
         sizes = dict(min_pixels=config.min_pixels, max_pixels=config.max_pixels)
         if config.tokenizer_path is None:
-            return cls(build_tiny_tokenizer(), Qwen2VLImageProcessor(**sizes))
+            return cls(build_tiny_tokenizer(), image_cls(**sizes))
         path = config.tokenizer_path
         if not os.path.isfile(os.path.join(path, "preprocessor_config.json")):
             raise FileNotFoundError(f"{path}: no preprocessor_config.json (expected an HF Qwen2.5-VL model folder)")
-        image_processor = Qwen2VLImageProcessor.from_pretrained(path, local_files_only=True)
-        # from_pretrained keeps the file's sizes; the config's bounds win (they are what PAPO sets)
-        return cls(load_tokenizer(path), Qwen2VLImageProcessor(**{**image_processor.to_dict(), **sizes}))
+        saved = image_cls.from_pretrained(path, local_files_only=True).to_dict()
+        saved.pop("image_processor_type", None)
+        # the file's mean/std/patch sizes, with the config's pixel bounds (what PAPO sets)
+        return cls(load_tokenizer(path), image_cls(**{**saved, **sizes}))
 
     def chat_text(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False,

@@ -12,6 +12,7 @@ math check runs in a helper process that is killed when it overruns.
 """
 from __future__ import annotations
 
+import functools
 import multiprocessing as mp
 import re
 import threading
@@ -21,6 +22,7 @@ from typing import Callable
 MAX_RESPONSE_CHARS = 32_768  # longer responses are graded on their last MAX_RESPONSE_CHARS characters
 MAX_MATH_CHARS = 256         # longer answers are compared as normalised strings only
 MAX_DIGIT_RUN = 40           # an answer with a longer number is compared as a string only
+MAX_BRACE_DEPTH = 6          # an answer nested deeper is compared as a string only
 MATH_TIMEOUT_S = 1           # per math-verify parse / verify call (integer seconds, as math-verify takes)
 ACCURACY_WEIGHT = 0.9        # PAPO_SPEC: reward = 0.9 * accuracy + 0.1 * format
 FORMAT_WEIGHT = 0.1
@@ -36,11 +38,13 @@ class RewardResult:
 # ---------------------------------------------------------------- extraction and format
 
 _BOXED = "\\boxed{"
-_TAG_SPACE = re.compile(r"\s*(<|>|/)\s*")  # the reference's Qwen2.5-VL-32B spacing fix
+# The reference's Qwen2.5-VL-32B spacing fix, re.sub(r"\s*(<|>|/)\s*", r"\1", s), written to touch
+# only whitespace runs next to <, > or / (same result, no rewrite of every tag character).
+_TAG_SPACE = re.compile(r"\s+(?=[<>/])|(?<=[<>/])\s+")
 
 
 def clean_response(response: str) -> str:
-    return _TAG_SPACE.sub(r"\1", response[-MAX_RESPONSE_CHARS:])
+    return _TAG_SPACE.sub("", response[-MAX_RESPONSE_CHARS:])
 
 
 def last_boxed(text: str) -> str | None:
@@ -108,20 +112,38 @@ def parse_choices(problem: str) -> dict[str, str] | None:
 
 # ---------------------------------------------------------------- math equivalence, time-bounded
 
+def _brace_depth(s: str) -> int:
+    depth = deepest = 0
+    for c in s:
+        if c == "{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif c == "}":
+            depth -= 1
+    return deepest
+
+
 def _unsafe_for_math(s: str) -> bool:
-    """Answers math-verify could spend unbounded time on (power towers, factorials, huge numbers)."""
-    return (len(s) > MAX_MATH_CHARS or s.count("^") > 1 or "!" in s
+    """Answers math-verify could spend long on (power towers, factorials, huge numbers, deep nesting)."""
+    return (len(s) > MAX_MATH_CHARS or s.count("^") > 1 or "!" in s or _brace_depth(s) > MAX_BRACE_DEPTH
             or re.search(r"\d{%d}" % (MAX_DIGIT_RUN + 1), s) is not None)
 
 
-def _math_equal_unbounded(pred: str, gold: str, timeout_s: int | None) -> bool:
-    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+@functools.lru_cache(maxsize=4096)  # n rollouts share a ground truth and often an answer
+def _parse(expr: str, timeout_s: int | None):
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
 
-    config = [LatexExtractionConfig(), ExprExtractionConfig()]
+    return tuple(parse(_BOXED + expr + "}", extraction_config=[LatexExtractionConfig(), ExprExtractionConfig()],
+                       parsing_timeout=timeout_s))
+
+
+@functools.lru_cache(maxsize=16384)  # the same (answer, ground truth) pair recurs across a group
+def _math_equal_unbounded(pred: str, gold: str, timeout_s: int | None) -> bool:
+    from math_verify import verify
+
     try:
-        g = parse(_BOXED + gold + "}", extraction_config=config, parsing_timeout=timeout_s)
-        p = parse(_BOXED + pred + "}", extraction_config=config, parsing_timeout=timeout_s)
-        return bool(g and p and verify(g, p, timeout_seconds=timeout_s))
+        g, p = _parse(gold, timeout_s), _parse(pred, timeout_s)
+        return bool(g and p and verify(list(g), list(p), timeout_seconds=timeout_s))
     except Exception:  # math-verify raises on pathological input; a failure to parse is a wrong answer
         return False
 
