@@ -159,8 +159,9 @@ def papo_loss(logp, old_logp, ref_logp, mask_logp, advantages, response_mask, cf
     logp: current policy (with grad); old_logp, ref_logp, mask_logp: old policy, reference policy
     and old policy on the masked image (no grad; ref_logp may be None when beta = 0, mask_logp when
     gamma = eta2 = 0); advantages: [batch] or [batch, tokens]; response_mask: 1 on response tokens.
-    Returns (loss, metrics): see `aggregate` for what the loss is per mode, metrics are detached
-    token means over this micro-batch.
+    Returns (loss, metrics): see `aggregate` for what the loss is per mode; metrics are detached
+    tensors: token means over this micro-batch of each term (policy_loss, ref_kl, kl_prcp, entropy,
+    masked_entropy), of the ratio and of the clip classes (clipfrac_high/low/dual), and `loss`.
     """
     if cfg.perception_mode != "reference" or cfg.entropy_mode != "reference":
         raise ValueError("papo_loss computes the reference modes from log-probs; exact perception/entropy "
