@@ -72,6 +72,24 @@ def test_raw_cpp_equals_numpy(ratio, exact):
         np.testing.assert_array_equal(im, fresh)
 
 
+@pytest.mark.parametrize("backend", ["numpy", pytest.param("cpp", marks=needs_ext)])
+def test_raw_into_out_buffers(backend):
+    images = _images(RAW_SIZES)
+    kw = dict(seed=4, sample_ids=list(range(len(images))), backend=backend)
+    fresh = masking.mask_raw_images(images, **kw)
+    out = [np.full_like(im, 9) for im in images]
+    got = masking.mask_raw_images(images, out=out, **kw)
+    for g, o, f in zip(got, out, fresh):
+        assert g is o
+        np.testing.assert_array_equal(o, f)
+    with pytest.raises(ValueError, match=r"out\[1\].*shape"):
+        masking.mask_raw_images(images, out=[out[0], out[0]] + out[2:], **kw)
+    with pytest.raises(ValueError, match=r"out\[0\] overlaps"):
+        masking.mask_raw_images(images, out=images, **kw)
+    with pytest.raises(ValueError, match="out must have one array per image"):
+        masking.mask_raw_images(images, out=out[:1], **kw)
+
+
 @needs_ext
 @pytest.mark.parametrize("ratio", RATIOS)
 @pytest.mark.parametrize("exact", [False, True])
