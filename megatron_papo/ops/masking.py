@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 import warnings
 from collections.abc import Sequence
 
@@ -110,14 +111,16 @@ def _check_ids(name: str, values, n: int) -> list[int]:
 
 
 def _check_ratio(ratio) -> float:
-    if not isinstance(ratio, (int, float)) or not 0.0 <= ratio <= 1.0:
+    if not isinstance(ratio, numbers.Real) or not 0.0 <= ratio <= 1.0:
         raise ValueError(f"ratio must be a number in [0, 1], got {ratio!r}")
     return float(ratio)
 
 
 def cell_mask(grid_h: int, grid_w: int, *, seed: int, sample_id: int, image_index: int = 0,
               ratio: float = 0.6, exact_ratio: bool = False) -> np.ndarray:
-    """Boolean [grid_h, grid_w] mask of one image's cells (True = masked)."""
+    """Boolean [grid_h, grid_w] mask of one image's cells (True = masked). For a grid (t, gh, gw)
+    of pixel_values rows, ``cell_mask(t * gh, gw, ...)`` gives the mask of patch (tt, py, px) at
+    ``[tt * gh + py, px]``."""
     if grid_h < 0 or grid_w < 0:
         raise ValueError(f"grid_h and grid_w must be >= 0, got {grid_h}, {grid_w}")
     seed = _check_uint64("seed", seed)
