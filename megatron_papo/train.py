@@ -25,7 +25,7 @@ def resolve_config(config_path: str | None, overrides: list[str]):
     first = load_config(TrainConfig, config_path, overrides)  # only to learn the preset's name
     base = dataclasses.replace(TrainConfig(), preset=first.preset, algo=load_preset(first.preset))
     cfg = load_config(TrainConfig, config_path, overrides, base=base)
-    cfg.__post_init__()
+    cfg.validate()
     if not cfg.checkpoint.save_dir:
         cfg = dataclasses.replace(cfg, checkpoint=dataclasses.replace(
             cfg.checkpoint, save_dir=os.path.join(cfg.output_dir, "checkpoints")))

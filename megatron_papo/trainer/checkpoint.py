@@ -89,18 +89,16 @@ def set_rng_state(state: dict[str, Any]) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-def _sharded_state_dict(model_chunks, optimizer, is_loading: bool) -> dict[str, Any]:
+def _sharded_state_dict(modules: dict, optimizer, is_loading: bool) -> dict[str, Any]:
+    """`modules`: name -> model stage; "model" is the trained one (the optimizer's), others (e.g. the
+    reference model) are saved under their name as a key prefix so their tensors do not collide."""
     from megatron.core import parallel_state
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-    model_sd: dict[str, Any] = {}
-    for i, chunk in enumerate(model_chunks):
-        key = "model" if len(model_chunks) == 1 else f"model{i}"
-        model_sd[key] = chunk.sharded_state_dict()
-    sd: dict[str, Any] = dict(model_sd)
+    sd: dict[str, Any] = {name: m.sharded_state_dict(prefix="" if name == "model" else f"{name}.")
+                          for name, m in modules.items()}
     if optimizer is not None:
-        sd["optimizer"] = optimizer.sharded_state_dict(
-            model_sd["model"] if len(model_chunks) == 1 else model_sd, is_loading=is_loading)
+        sd["optimizer"] = optimizer.sharded_state_dict(sd["model"], is_loading=is_loading)
     # One RNG object per (pp, tp, dp) rank: a resumed rank continues its own streams.
     pp, tp, dp = (parallel_state.get_pipeline_model_parallel_world_size(),
                   parallel_state.get_tensor_model_parallel_world_size(),
@@ -113,7 +111,7 @@ def _sharded_state_dict(model_chunks, optimizer, is_loading: bool) -> dict[str, 
     return sd
 
 
-def save_checkpoint(cfg: CheckpointConfig, step: int, model_chunks, optimizer, scheduler,
+def save_checkpoint(cfg: CheckpointConfig, step: int, modules: dict, optimizer, scheduler,
                     train_state: dict[str, Any]) -> Path:
     """Collective: every rank calls it. `train_state` (step, data position, ...) is the same on all
     ranks and saved once as common state. Returns the final directory."""
@@ -128,7 +126,7 @@ def save_checkpoint(cfg: CheckpointConfig, step: int, model_chunks, optimizer, s
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
-    sd = _sharded_state_dict(model_chunks, optimizer, is_loading=False)
+    sd = _sharded_state_dict(modules, optimizer, is_loading=False)
     sd["train_state"] = dict(train_state, step=step)
     sd["scheduler"] = scheduler.state_dict() if scheduler is not None else None
     dist_checkpointing.save(sd, str(tmp))
@@ -144,23 +142,22 @@ def save_checkpoint(cfg: CheckpointConfig, step: int, model_chunks, optimizer, s
     return final
 
 
-def load_checkpoint(path: Path, model_chunks, optimizer, scheduler) -> dict[str, Any]:
+def load_checkpoint(path: Path, modules: dict, optimizer, scheduler) -> dict[str, Any]:
     """Collective. Loads into the given model/optimizer/scheduler, restores this rank's RNG
     states, and returns the saved train_state."""
     from megatron.core import dist_checkpointing
 
-    sd = _sharded_state_dict(model_chunks, optimizer, is_loading=True)
-    sd["train_state"] = None
-    sd["scheduler"] = None
+    sd = _sharded_state_dict(modules, optimizer, is_loading=True)
+    common = dist_checkpointing.load_common_state_dict(str(path))
     loaded = dist_checkpointing.load(sd, str(path))
-    for i, chunk in enumerate(model_chunks):
-        chunk.load_state_dict(loaded["model" if len(model_chunks) == 1 else f"model{i}"], strict=True)
+    for name, m in modules.items():
+        m.load_state_dict(loaded[name], strict=False)
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
-    if scheduler is not None and loaded.get("scheduler") is not None:
-        scheduler.load_state_dict(loaded["scheduler"])
+    if scheduler is not None and common.get("scheduler") is not None:
+        scheduler.load_state_dict(common["scheduler"])
     set_rng_state(loaded["rng_state"])
-    return loaded["train_state"]
+    return common["train_state"]
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -1,0 +1,97 @@
+"""The training run's configuration: one dataclass tree, read by megatron_papo.config.load_config.
+
+Sections owned elsewhere are reused, not repeated: the objective (algos.PAPOConfig, chosen by
+`preset`), the data (data.*Config), checkpoints and monitoring (trainer.checkpoint / metrics).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from megatron_papo.algos.config import PAPOConfig
+from megatron_papo.data.dataset import DataConfig
+from megatron_papo.data.processor import MaskConfig, ProcessorConfig
+from megatron_papo.data.synthetic import SyntheticConfig
+from megatron_papo.trainer.checkpoint import CheckpointConfig
+from megatron_papo.trainer.metrics import MonitorConfig
+
+
+@dataclass
+class ModelConfig:
+    flavor: str = "tiny"            # architecture from the flavor registry (ignored when hf_dir is set)
+    hf_dir: str = ""                # start from this HF Qwen2.5-VL folder (weights converted on load)
+    load: str = ""                  # or from a Megatron checkpoint written by tools/convert_hf_to_megatron.py
+    tokenizer_dir: str = ""         # tokenizer + preprocessor_config.json (default: hf_dir; tiny: built-in)
+    freeze_vision: bool = False     # keep the vision tower fixed (then it is synced to vLLM once)
+    ref_offload: bool = False       # GPU: keep the reference model in host memory between its forwards
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1                     # tensor-parallel size
+    pp: int = 1                     # pipeline-parallel size (DP = world / (tp * pp))
+    sequence_parallel: bool = False  # shard activations along the sequence in TP regions (needs tp > 1)
+    recompute: bool = False         # full activation recomputation of every layer (needed at 72B)
+    bf16: bool = False              # bf16 params + fp32 main weights (GPU); fp32 on CPU
+    distributed_optimizer: bool = False  # shard optimizer state over DP (megatron distributed optimizer; GPU)
+
+
+@dataclass
+class RolloutConfig:
+    n: int = 5                      # responses per prompt (PAPO: 5)
+    temperature: float = 1.0        # sampling temperature (PAPO: 1.0)
+    top_p: float = 0.99             # nucleus sampling (PAPO: 0.99)
+    max_new_tokens: int = 2048      # response length cap (PAPO: 2048)
+    max_prompt_tokens: int = 4096   # prompts longer than this (with image tokens) are skipped
+    engine_dtype: str = "bfloat16"  # vLLM weights dtype ("float32" for exact CPU runs)
+    gpu_memory_utilization: float = 0.5  # GPU: vLLM's share of memory while colocated with training
+    bucket_mb: int = 256            # weight sync: bytes per bucket pushed into vLLM
+    dynamic_sampling_max_tries: int = 4  # DAPO: extra rollout batches drawn to refill filtered groups
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-6                # AdamW learning rate (PAPO: 1e-6, constant)
+    warmup_steps: int = 0           # linear warm-up steps, then constant
+    weight_decay: float = 1e-2      # AdamW weight decay (PAPO: 1e-2)
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    clip_grad: float = 1.0          # gradient-norm clip (PAPO: 1.0)
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "outputs/run"  # metrics, plots, tensorboard, checkpoints, vLLM's HF folder
+    seed: int = 1                    # every random choice of the run (data order, masks, sampling)
+    steps: int = 100                 # RL steps (one rollout batch each)
+    rollout_batch_size: int = 384    # prompts per RL step (PAPO: 384)
+    global_batch_size: int = 128     # prompts per optimizer step (PAPO: 128 -> 640 responses)
+    micro_batch_size: int = 4        # sequences per micro-batch per DP rank
+    ppo_epochs: int = 1              # passes over each rollout batch (PAPO: 1)
+    sft_steps: int = 0               # supervised warm-up steps on the synthetic task's targets before RL
+    sft_lr: float = 1e-3             # learning rate of the warm-up
+    sft_batch_size: int = 32         # samples per warm-up step
+    eval_interval: int = 0           # greedy accuracy on held-out synthetic samples every k steps (0 = off)
+    eval_samples: int = 64
+    preset: str = "papo_h"           # objective preset (examples/configs/presets/<name>.yaml); `algo.*` overrides it
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    algo: PAPOConfig = field(default_factory=PAPOConfig)
+    data: DataConfig = field(default_factory=DataConfig)          # file data (data.path); empty = synthetic
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    processor: ProcessorConfig = field(default_factory=ProcessorConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+
+    def validate(self) -> "TrainConfig":
+        """Cross-field checks, run once the whole config is read (fields are set one by one)."""
+        if self.rollout_batch_size % self.global_batch_size:
+            raise ValueError(f"rollout_batch_size {self.rollout_batch_size} must be a multiple of "
+                             f"global_batch_size {self.global_batch_size}")
+        if self.parallel.sequence_parallel and self.parallel.tp == 1:
+            raise ValueError("parallel.sequence_parallel=true needs parallel.tp > 1")
+        if self.sft_steps and self.data.path:
+            raise ValueError("sft_steps > 0 warms up on the synthetic task's targets; set sft_steps=0 with data.path")
+        return self

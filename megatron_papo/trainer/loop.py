@@ -1,0 +1,373 @@
+"""The PAPO training loop. Read `Trainer.rl_step` top to bottom: it is one RL step.
+
+    prompts+images -> rollout (vLLM, rank 0) -> rewards -> advantages (+ DAPO filter)
+    -> old / reference / masked log-probs (no grad) -> PPO update over minibatches
+    -> weight sync into vLLM -> metrics -> checkpoint
+
+Every rank runs the same code. Data loading and encoding are deterministic, so each rank encodes
+the prompts itself; only the rollout's token ids and rewards are broadcast from rank 0. Per-token
+log-probs live on the last pipeline stage, where the loss is computed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from tqdm import tqdm
+
+from megatron_papo.algos.advantages import dynamic_sampling_keep, grpo_advantages, overlong_penalty
+from megatron_papo.algos.losses import papo_loss, papo_loss_from_logits
+from megatron_papo.data.processor import VLProcessor
+from megatron_papo.data.rewards import get_reward_fn
+from megatron_papo.ops.vocab_parallel import vocab_parallel_logprob
+from megatron_papo.trainer import checkpoint as ckpt
+from megatron_papo.trainer.batch import Experience, collate, make_micro_batches, split_response_values
+from megatron_papo.trainer.config import TrainConfig
+from megatron_papo.trainer.metrics import MetricsLogger
+from megatron_papo.trainer.pipeline import run_micro_batches
+from megatron_papo.trainer.setup import (RunState, build_data, build_engine, build_models, build_optimizer,
+                                         rollout_requests, sync_weights)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.out = Path(cfg.output_dir)
+        self.rank = dist.get_rank()
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.dp_size = parallel_state.get_data_parallel_world_size()
+        self.tp_group = parallel_state.get_tensor_model_parallel_group()
+        self.last_stage = parallel_state.is_pipeline_last_stage()
+        self.models = build_models(cfg)          # policy (DDP-wrapped chunks), reference, model config
+        self.model_cfg = self.models.model_cfg
+        self.processor: VLProcessor = self.models.processor
+        self.data = build_data(cfg, self.processor)
+        self.reward_fn = get_reward_fn("papo")
+        self.optimizer, self.scheduler = build_optimizer(cfg, self.models.policy, cfg.optim.lr)
+        self.state = RunState()
+        self.preemption = ckpt.PreemptionHandler(cfg.checkpoint.save_on_signal)
+        resume_from = ckpt.find_resume_checkpoint(cfg.checkpoint)
+        if resume_from is not None:
+            self._load(resume_from)
+        self.metrics = MetricsLogger(self.out, cfg.monitor, enabled=self.rank == 0, resume_step=self.state.step)
+        self.engine = build_engine(cfg, self.models, self.out) if self.rank == 0 else None
+
+    # ------------------------------------------------------------------ the run
+    def run(self) -> None:
+        cfg = self.cfg
+        if not self.state.sft_done:
+            if cfg.sft_steps > 0:
+                self.sft_warmup()
+            self.models.copy_policy_to_reference()
+            self.state.sft_done = True
+            self.optimizer, self.scheduler = build_optimizer(cfg, self.models.policy, cfg.optim.lr)
+            self._save()  # step 0: a killed run never redoes the warm-up
+        sync_weights(self.models, self.engine, cfg, first=True)
+        alarm = None
+        while self.state.step < cfg.steps:
+            self.state.step += 1
+            metrics, phases = self.rl_step(self.state.step)
+            alarm = self.metrics.log(self.state.step, metrics, phases)
+            stop = self.preemption.should_stop() or (alarm is not None and cfg.monitor.stop_on_alarm)
+            if stop or self.state.step == cfg.steps or (
+                    cfg.checkpoint.save_interval and self.state.step % cfg.checkpoint.save_interval == 0):
+                self._save()
+            if stop:
+                if self.rank == 0:
+                    why = "loss-hacking alarm" if alarm else f"signal {self.preemption.received}"
+                    print(f"stopping after step {self.state.step} ({why}); checkpoint saved", flush=True)
+                break
+        plots = self.metrics.close()
+        if self.rank == 0:
+            print(f"outputs: {self.out.resolve()} (metrics.jsonl, tensorboard/, checkpoints/"
+                  + (f", {plots[0].name}" if plots else "") + ")", flush=True)
+
+    # ------------------------------------------------------------------ one RL step
+    def rl_step(self, step: int) -> tuple[dict, dict]:
+        cfg, phases = self.cfg, {}
+        with _timed(phases, "rollout"):
+            experiences, rollout_metrics = self.collect_experiences(step)
+        mine = self._my_share(experiences)
+        with _timed(phases, "logprobs"):
+            self.compute_logprobs(mine)
+        with _timed(phases, "train"):
+            train_metrics = self.update(mine)
+        with _timed(phases, "sync"):
+            sync_weights(self.models, self.engine, cfg, first=False)
+        tokens = sum(e.length for e in experiences)
+        metrics = {**rollout_metrics, **train_metrics, "lr": self.optimizer.param_groups[0]["lr"],
+                   "tokens_per_s": tokens / max(sum(phases.values()), 1e-9)}
+        return metrics, phases
+
+    def collect_experiences(self, step: int) -> tuple[list[Experience], dict]:
+        """Rollout + rewards + advantages (+ DAPO refill). Same result on every rank."""
+        cfg, algo, n = self.cfg, self.cfg.algo, self.cfg.rollout.n
+        kept: list[list[Experience]] = []
+        all_groups: list[list[Experience]] = []
+        tries = 0
+        while len(kept) < cfg.rollout_batch_size:
+            samples = self.data.next_batch(cfg.rollout_batch_size)
+            groups = self._rollout_groups(samples, step, tries)
+            all_groups += groups
+            if not algo.dynamic_sampling:
+                kept = groups
+                break
+            acc = torch.tensor([[e.accuracy for e in g] for g in groups]).flatten()
+            keep = dynamic_sampling_keep(acc, n, algo.dynamic_sampling_low, algo.dynamic_sampling_high)
+            kept += [g for g, k in zip(groups, keep.tolist()) if k]
+            tries += 1
+            if tries > cfg.rollout.dynamic_sampling_max_tries:
+                break
+        kept = kept[: cfg.rollout_batch_size]
+        if len(kept) < cfg.rollout_batch_size:  # not enough informative groups: pad with the rest
+            rest = [g for g in all_groups if g not in kept]
+            kept += rest[: cfg.rollout_batch_size - len(kept)]
+        flat = [e for g in kept for e in g]
+        rewards = torch.tensor([e.reward for e in flat])
+        if algo.overlong_buffer_len > 0:
+            lengths = torch.tensor([len(e.response_ids) for e in flat])
+            rewards = rewards + overlong_penalty(lengths, cfg.rollout.max_new_tokens, algo.overlong_buffer_len,
+                                                 algo.overlong_penalty_factor)
+        for e, a in zip(flat, grpo_advantages(rewards, n).tolist()):
+            e.advantage = a
+        seen = [e for g in all_groups for e in g]
+        return flat, {
+            "reward": _mean(e.reward for e in seen), "accuracy": _mean(e.accuracy for e in seen),
+            "format": _mean(e.format_score for e in seen),
+            "response_len": _mean(len(e.response_ids) for e in seen),
+            "truncated": _mean(e.finish_reason == "length" for e in seen),
+            "groups_kept": len([g for g in kept]) / max(len(all_groups), 1),
+        }
+
+    def _rollout_groups(self, samples, step: int, attempt: int) -> list[list[Experience]]:
+        """n responses per sample via the engine on rank 0; rewards graded there; broadcast."""
+        cfg = self.cfg
+        encoded = [self.processor.encode_sample(s, mask=cfg.mask) for s in samples]
+        payload = [None]
+        if self.rank == 0:
+            outputs = self.engine.generate(rollout_requests(self.processor, samples), self.models.sampling(cfg),
+                                           step=step * 1000 + attempt)
+            payload = [[[(o.prompt_token_ids, o.response_token_ids, o.response_logprobs, o.finish_reason,
+                          self.reward_fn(self.processor.tokenizer.decode(o.response_token_ids, skip_special_tokens=True), s.answer, s.choices))
+                         for o in outs] for outs, s in zip(outputs, samples)]]
+        dist.broadcast_object_list(payload, src=0)
+        groups = []
+        for gi, (s, enc, outs) in enumerate(zip(samples, encoded, payload[0])):
+            group = []
+            for prompt_ids, response_ids, logps, finish, reward in outs:
+                if prompt_ids != enc.input_ids.tolist():
+                    raise RuntimeError(f"sample {s.sample_id}: the rollout engine's prompt tokens differ from the "
+                                       "trainer's processor (check min/max pixels in the engine's preprocessor_config)")
+                if not response_ids:  # an immediate stop: keep one EOS so the sequence has a target
+                    response_ids, logps = [self.model_cfg.eos_token_id], [0.0]
+                group.append(Experience(
+                    sample_id=s.sample_id, group=gi, prompt_ids=prompt_ids, response_ids=response_ids,
+                    pixel_values=enc.pixel_values, masked_pixel_values=enc.pixel_values_masked,
+                    image_grid_thw=enc.image_grid_thw, rollout_logp=logps, finish_reason=finish,
+                    reward=reward.reward, accuracy=reward.accuracy, format_score=reward.format))
+            groups.append(group)
+        return groups
+
+    def _my_share(self, experiences: list[Experience]) -> list[Experience]:
+        """This DP rank's responses: minibatch k of the step gives rank d its d-th slice."""
+        per_update = self.cfg.global_batch_size * self.cfg.rollout.n
+        share = per_update // self.dp_size
+        mine = []
+        for start in range(0, len(experiences), per_update):
+            mine += experiences[start + self.dp_rank * share: start + (self.dp_rank + 1) * share]
+        return mine
+
+    def compute_logprobs(self, exps: list[Experience]) -> None:
+        """old (policy, real image), reference (ref model, real image) and masked (policy, masked
+        image) per-token log-probs, without gradient, before the update."""
+        algo, T = self.cfg.algo, self.cfg.rollout.temperature
+        need_mask = algo.gamma > 0 or algo.eta2 > 0 or True  # KL_prcp is always monitored (collapse alarm)
+        self.exp_logprobs(exps, self.models.policy, "old_logp", masked=False, temperature=T)
+        if algo.beta > 0:
+            with self.models.reference_on_device():
+                self.exp_logprobs(exps, [self.models.reference], "ref_logp", masked=False, temperature=T)
+        if need_mask:
+            self.exp_logprobs(exps, self.models.policy, "mask_logp", masked=True, temperature=T)
+
+    @torch.no_grad()
+    def exp_logprobs(self, exps, model_chunks, attr: str, *, masked: bool, temperature: float) -> None:
+        chunks = make_micro_batches(exps, self.cfg.micro_batch_size)
+        mbs = [collate(c, pad_id=self.model_cfg.bos_token_id) for c in chunks]
+
+        def on_logits(mb, logits):
+            logp = vocab_parallel_logprob(logits, mb.targets, self.tp_group, temperature, self.model_cfg.vocab_size)
+            return logp.sum() * 0.0, {"logp": logp.detach().cpu()}
+
+        for m in model_chunks:
+            m.eval()
+        outs = run_micro_batches(model_chunks, mbs, on_logits, forward_only=True, masked_images=masked)
+        for m in model_chunks:
+            m.train()
+        if self.last_stage:
+            for chunk, out in zip(chunks, outs):
+                for e, v in zip(chunk, split_response_values(out["logp"], chunk)):
+                    setattr(e, attr, v)
+
+    def update(self, exps: list[Experience]) -> dict:
+        """PPO epochs over minibatches (one optimizer step each)."""
+        cfg = self.cfg
+        share = cfg.global_batch_size * cfg.rollout.n // self.dp_size
+        sums: dict[str, float] = {}
+        count = 0
+        for _ in range(cfg.ppo_epochs):
+            for start in range(0, len(exps), share):
+                metrics = self.train_minibatch(exps[start: start + share])
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                count += 1
+        return {k: v / max(count, 1) for k, v in sums.items()}
+
+    def train_minibatch(self, exps: list[Experience]) -> dict:
+        cfg, algo = self.cfg, self.cfg.algo
+        chunks = make_micro_batches(exps, cfg.micro_batch_size)
+        mbs = [collate(c, pad_id=self.model_cfg.bos_token_id) for c in chunks]
+        exact = algo.perception_mode == "exact" or algo.entropy_mode == "exact"
+        scale = 1.0
+        global_tokens = None
+        if algo.loss_agg_mode == "global_token_mean":
+            # megatron divides each micro-batch loss by their number and DDP averages over DP:
+            # undo both so the summed gradient is that of the global token mean.
+            from megatron_papo.algos.losses import count_global_tokens
+            global_tokens = count_global_tokens([mb.response_mask for mb in mbs],
+                                                parallel_state.get_data_parallel_group())
+            scale = len(mbs) * self.dp_size
+
+        def on_logits(mb, logits):
+            if exact:
+                real, masked = logits.chunk(2, dim=0) if logits.shape[0] == 2 * mb.input_ids.shape[0] else (logits, None)
+                loss, m = papo_loss_from_logits(
+                    real, mb.targets, mb.old_logp, mb.ref_logp, mb.advantages, mb.response_mask, algo, self.tp_group,
+                    masked_logits=masked, mask_logp=mb.mask_logp, temperature=cfg.rollout.temperature,
+                    valid_vocab_size=self.model_cfg.vocab_size, global_token_count=global_tokens)
+            else:
+                logp = vocab_parallel_logprob(logits, mb.targets, self.tp_group, cfg.rollout.temperature,
+                                              self.model_cfg.vocab_size)
+                loss, m = papo_loss(logp, mb.old_logp, mb.ref_logp, mb.mask_logp, mb.advantages, mb.response_mask,
+                                    algo, global_token_count=global_tokens)
+            return loss * scale, {k: float(v) for k, v in m.items()}
+
+        if exact:  # the masked branch rides in the same forward: batch = [real; masked]
+            mbs = [_with_masked_copy(mb) for mb in mbs]
+        for chunk in self.models.policy:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        outs = run_micro_batches(self.models.policy, mbs, on_logits, forward_only=False)
+        ok, grad_norm, _ = self.optimizer.step()
+        self.scheduler.step(increment=1)
+        metrics = _mean_dicts(outs)
+        metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        return self._from_last_stage(metrics)
+
+    # ------------------------------------------------------------------ warm start
+    def sft_warmup(self) -> None:
+        """Supervised steps on the synthetic task's `<think>..</think> \\boxed{}` targets, so the
+        first rollouts are not all wrong (rewards all 0 -> advantages all 0 -> no signal)."""
+        cfg = self.cfg
+        optimizer, scheduler = build_optimizer(cfg, self.models.policy, cfg.sft_lr)
+        per_rank = max(cfg.sft_batch_size // self.dp_size, 1)
+        bar = tqdm(range(cfg.sft_steps), desc="sft warm-up", disable=self.rank != 0)
+        for i in bar:
+            samples = self.data.next_sft_batch(cfg.sft_batch_size)
+            exps = []
+            for s in samples[self.dp_rank * per_rank: (self.dp_rank + 1) * per_rank]:
+                enc = self.processor.encode_sample(s)
+                target = self.processor.tokenizer(s.target, add_special_tokens=False)["input_ids"] + [self.model_cfg.eos_token_id]
+                exps.append(Experience(sample_id=s.sample_id, group=0, prompt_ids=enc.input_ids.tolist(),
+                                       response_ids=target, pixel_values=enc.pixel_values,
+                                       masked_pixel_values=enc.pixel_values, image_grid_thw=enc.image_grid_thw,
+                                       rollout_logp=[]))
+            mbs = [collate(c, pad_id=self.model_cfg.bos_token_id) for c in make_micro_batches(exps, cfg.micro_batch_size)]
+
+            def on_logits(mb, logits):
+                logp = vocab_parallel_logprob(logits, mb.targets, self.tp_group, 1.0, self.model_cfg.vocab_size)
+                m = mb.response_mask
+                loss = -(logp * m).sum() / m.sum().clamp(min=1)
+                return loss, {"sft_loss": float(loss)}
+
+            for chunk in self.models.policy:
+                chunk.zero_grad_buffer()
+            optimizer.zero_grad()
+            outs = run_micro_batches(self.models.policy, mbs, on_logits, forward_only=False)
+            optimizer.step()
+            scheduler.step(increment=1)
+            loss = self._from_last_stage(_mean_dicts(outs)).get("sft_loss", float("nan"))
+            bar.set_postfix(loss=f"{loss:.3f}")
+        bar.close()
+
+    # ------------------------------------------------------------------ helpers
+    def _from_last_stage(self, metrics: dict) -> dict:
+        """Mean of the last stage's metrics over DP replicas, on every rank (same keys everywhere)."""
+        keys = sorted(self.models.metric_keys | set(metrics))
+        self.models.metric_keys |= set(keys)
+        contributes = self.last_stage and parallel_state.get_tensor_model_parallel_rank() == 0
+        values = torch.tensor([metrics.get(k, 0.0) if contributes else 0.0 for k in keys] + [float(contributes)],
+                              dtype=torch.float64)
+        dist.all_reduce(values)
+        n = max(values[-1].item(), 1.0)
+        return {k: v / n for k, v in zip(keys, values[:-1].tolist())}
+
+    def _save(self) -> None:
+        train_state = dataclasses.asdict(self.state) | {"data": self.data.state_dict()}
+        ckpt.save_checkpoint(self.cfg.checkpoint, self.state.step, self.models.checkpoint_modules(),
+                             self.optimizer, self.scheduler, train_state)
+
+    def _load(self, path: Path) -> None:
+        if self.rank == 0:
+            print(f"resuming from {path}", flush=True)
+        train_state = ckpt.load_checkpoint(path, self.models.checkpoint_modules(), self.optimizer, self.scheduler)
+        self.data.load_state_dict(train_state.pop("data"))
+        self.state = RunState(**{k: v for k, v in train_state.items() if k in RunState.__dataclass_fields__})
+
+
+def _with_masked_copy(mb):
+    """[real; masked] in one micro-batch: the same tokens twice, the masked images second."""
+    cat = lambda a, b: None if a is None else torch.cat([a, b])  # noqa: E731
+    out = dataclasses.replace(
+        mb, input_ids=cat(mb.input_ids, mb.input_ids), attention_mask=cat(mb.attention_mask, mb.attention_mask),
+        pixel_values=cat(mb.pixel_values, mb.masked_pixel_values),
+        masked_pixel_values=cat(mb.pixel_values, mb.masked_pixel_values),
+        image_grid_thw=cat(mb.image_grid_thw, mb.image_grid_thw), position_ids=None)
+    out.extra = {"real_batch": mb.input_ids.shape[0]}
+    return _RealView(out, mb)
+
+
+class _RealView:
+    """A doubled micro-batch for the model whose loss-side tensors are the real half's."""
+
+    def __init__(self, doubled, real):
+        self._doubled, self._real = doubled, real
+
+    def __getattr__(self, name):
+        if name in ("input_ids", "attention_mask", "pixel_values", "masked_pixel_values", "image_grid_thw",
+                    "position_ids", "to"):
+            return getattr(self._doubled, name)
+        return getattr(self._real, name)
+
+
+@contextmanager
+def _timed(phases: dict, name: str):
+    start = time.perf_counter()
+    yield
+    phases[name] = phases.get(name, 0.0) + time.perf_counter() - start
+
+
+def _mean(values) -> float:
+    values = [float(v) for v in values]
+    return sum(values) / len(values) if values else float("nan")
+
+
+def _mean_dicts(dicts: list[dict]) -> dict:
+    keys = {k for d in dicts for k in d}
+    return {k: _mean(d[k] for d in dicts if k in d) for k in keys}

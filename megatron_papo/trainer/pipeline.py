@@ -1,0 +1,70 @@
+"""Micro-batches through the (pipeline-parallel) model with megatron-core's schedules.
+
+`run_micro_batches` is the one place the trainer calls megatron's forward/backward schedule. The
+per-micro-batch function `on_logits(mb, logits)` runs on the last pipeline stage with this
+stage's vocab-parallel logits [B, S, V_padded/TP] and returns (loss, outputs):
+- training (forward_only=False): `loss` is what megatron back-propagates (it divides it by the
+  number of micro-batches, which is the reference's "mean over micro-batches");
+- forward_only: `loss` is ignored; `outputs` (per-token tensors, metrics) are collected.
+Returns the list of `outputs` on the last stage and [] elsewhere.
+"""
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable
+
+import torch
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_papo.models.qwen2_5_vl.rope import mrope_position_ids
+from megatron_papo.trainer.batch import MicroBatch
+
+
+def add_position_ids(mb: MicroBatch, model_cfg) -> MicroBatch:
+    """mrope positions [3, B, S] for the micro-batch (the same on every rank: pure function of ids)."""
+    if mb.position_ids is None:
+        grid = mb.image_grid_thw if mb.image_grid_thw.numel() else None
+        mb.position_ids, _ = mrope_position_ids(mb.input_ids, grid, model_cfg.image_token_id,
+                                                model_cfg.vision.spatial_merge_size, mb.attention_mask)
+    return mb
+
+
+def run_micro_batches(model_chunks: list[torch.nn.Module], micro_batches: list[MicroBatch],
+                      on_logits: Callable[[MicroBatch, torch.Tensor], tuple[torch.Tensor, dict]], *,
+                      forward_only: bool, masked_images: bool = False) -> list[dict]:
+    """Run every micro-batch through the pipeline (see the module doc). `masked_images` feeds the
+    masked pixel_values instead of the real ones (the PAPO masked branch)."""
+    if not micro_batches:
+        return []
+    model_cfg = _unwrap(model_chunks[0]).hf_config
+    device = next(model_chunks[0].parameters()).device
+    batches = [add_position_ids(mb, model_cfg).to(device) for mb in micro_batches]
+    outputs: list[dict] = []
+
+    def loss_func(mb: MicroBatch, logits: torch.Tensor):
+        loss, out = on_logits(mb, logits)
+        outputs.append(out)
+        return loss, {}
+
+    def forward_step(data_iterator, model):
+        mb = next(data_iterator)
+        pixels = mb.masked_pixel_values if masked_images else mb.pixel_values
+        has_images = mb.image_grid_thw.numel() > 0
+        # right padding + causal attention: real tokens never attend to padding, so no mask is needed
+        logits = model(mb.input_ids, mb.position_ids, None, pixels if has_images else None,
+                       mb.image_grid_thw if has_images else None)
+        return logits, partial(loss_func, mb)
+
+    config = _unwrap(model_chunks[0]).config
+    config.variable_seq_lengths = True  # micro-batches differ in length; stages exchange shapes first
+    get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iter(batches), model=model_chunks,
+        num_microbatches=len(batches), seq_length=batches[0].input_ids.shape[1],
+        micro_batch_size=batches[0].input_ids.shape[0], forward_only=forward_only)
+    return outputs
+
+
+def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    while hasattr(module, "module"):
+        module = module.module
+    return module

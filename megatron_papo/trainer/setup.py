@@ -1,0 +1,225 @@
+"""Building what the loop runs: models (policy + reference), optimizer + LR schedule, data, the
+rollout engine and the weight sync into it. One function per thing, called from trainer/loop.py."""
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from megatron_papo.data.dataset import PapoDataset, ResumableIterator
+from megatron_papo.data.processor import ProcessorConfig, VLProcessor
+from megatron_papo.data.synthetic import SyntheticConfig, SyntheticShapes
+from megatron_papo.models.qwen2_5_vl.checkpoint_io import HFReader, load_dist_checkpoint, load_hf_weights, read_hf_config
+from megatron_papo.models.qwen2_5_vl.flavors import Qwen2_5_VLConfig, get_flavor
+from megatron_papo.models.qwen2_5_vl.model import ModelParallelOptions, build_model
+from megatron_papo.rollout.engine import RolloutRequest, SamplingConfig
+from megatron_papo.trainer.config import TrainConfig
+
+
+@dataclass
+class RunState:
+    step: int = 0            # RL steps completed
+    sft_done: bool = False   # the warm-up (if any) ran and the reference model holds its result
+
+
+# ------------------------------------------------------------------ models
+@dataclass
+class Models:
+    model_cfg: Qwen2_5_VLConfig
+    processor: VLProcessor
+    policy: list                      # DDP-wrapped pipeline stage (a list: megatron's model-chunk API)
+    reference: torch.nn.Module | None  # frozen copy for the KL to the reference policy (None when beta = 0)
+    offload_reference: bool = False
+    metric_keys: set = field(default_factory=set)
+
+    def sampling(self, cfg: TrainConfig) -> SamplingConfig:
+        r = cfg.rollout
+        return SamplingConfig(n=r.n, temperature=r.temperature, top_p=r.top_p, max_new_tokens=r.max_new_tokens,
+                              stop_token_ids=[self.model_cfg.eos_token_id], seed=cfg.seed)
+
+    @torch.no_grad()
+    def copy_policy_to_reference(self) -> None:
+        if self.reference is not None:
+            self.reference.load_state_dict(self.policy[0].module.state_dict())
+
+    @contextlib.contextmanager
+    def reference_on_device(self):
+        """GPU with ref_offload: the reference lives in host memory except during its forward."""
+        if self.offload_reference and torch.cuda.is_available():
+            self.reference.cuda()
+            try:
+                yield
+            finally:
+                self.reference.cpu()
+        else:
+            yield
+
+    def checkpoint_modules(self) -> dict:
+        out = {"model": self.policy[0]}
+        if self.reference is not None:
+            out["ref_model"] = self.reference
+        return out
+
+
+def model_config(cfg: TrainConfig) -> Qwen2_5_VLConfig:
+    if cfg.model.hf_dir:
+        return read_hf_config(cfg.model.hf_dir)
+    if cfg.model.load:
+        return read_hf_config(cfg.model.load)  # checkpoints carry their config.json
+    return get_flavor(cfg.model.flavor)
+
+
+def parallel_options(cfg: TrainConfig) -> ModelParallelOptions:
+    p = cfg.parallel
+    return ModelParallelOptions(
+        tp=p.tp, pp=p.pp, sequence_parallel=p.sequence_parallel,
+        recompute_granularity="full" if p.recompute else None, recompute_method="uniform" if p.recompute else None,
+        recompute_num_layers=1 if p.recompute else None,
+        params_dtype=torch.bfloat16 if p.bf16 else torch.float32)
+
+
+def _init_weights(model, cfg: TrainConfig) -> None:
+    if cfg.model.hf_dir:
+        load_hf_weights(model, HFReader(cfg.model.hf_dir), show_progress=dist.get_rank() == 0)
+    elif cfg.model.load:
+        load_dist_checkpoint(model, cfg.model.load)
+    # else: megatron's seeded random init (the tiny demo starts from scratch + SFT warm-up)
+
+
+def build_models(cfg: TrainConfig) -> Models:
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+
+    model_cfg = model_config(cfg)
+    tokenizer_path = cfg.model.tokenizer_dir or cfg.model.hf_dir or cfg.processor.tokenizer_path
+    processor = VLProcessor.from_config(ProcessorConfig(tokenizer_path=tokenizer_path or None,
+                                                        min_pixels=cfg.processor.min_pixels,
+                                                        max_pixels=cfg.processor.max_pixels))
+    _check_tokenizer(processor, model_cfg)
+    opts = parallel_options(cfg)
+    policy = build_model(model_cfg, opts)
+    _init_weights(policy, cfg)
+    if cfg.model.freeze_vision and policy.vision_model is not None:
+        policy.vision_model.requires_grad_(False)
+    if torch.cuda.is_available():
+        policy.cuda()
+    ddp = DistributedDataParallel(
+        config=policy.config, module=policy,
+        ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                                 use_distributed_optimizer=cfg.parallel.distributed_optimizer))
+    policy.config.finalize_model_grads_func = finalize_model_grads  # DP reduce, tied-embedding and SP grads
+    reference = None
+    if cfg.algo.beta > 0:
+        reference = build_model(model_cfg, opts)
+        reference.requires_grad_(False)
+        reference.eval()
+        if torch.cuda.is_available() and not cfg.model.ref_offload:
+            reference.cuda()
+    models = Models(model_cfg, processor, [ddp], reference, offload_reference=cfg.model.ref_offload)
+    models.copy_policy_to_reference()
+    return models
+
+
+def _check_tokenizer(processor: VLProcessor, model_cfg: Qwen2_5_VLConfig) -> None:
+    tok = processor.tokenizer
+    expected = {"<|image_pad|>": model_cfg.image_token_id, "<|vision_start|>": model_cfg.vision_start_token_id,
+                "<|vision_end|>": model_cfg.vision_end_token_id, "<|im_end|>": model_cfg.eos_token_id}
+    wrong = {t: (tok.convert_tokens_to_ids(t), i) for t, i in expected.items() if tok.convert_tokens_to_ids(t) != i}
+    if wrong:
+        raise ValueError(f"tokenizer and model config disagree on special token ids (tokenizer, config): {wrong}")
+    if len(tok) > model_cfg.vocab_size:
+        raise ValueError(f"tokenizer has {len(tok)} tokens but the model's vocab_size is {model_cfg.vocab_size}")
+
+
+# ------------------------------------------------------------------ optimizer
+def build_optimizer(cfg: TrainConfig, policy: list, lr: float):
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    o = cfg.optim
+    optimizer = get_megatron_optimizer(OptimizerConfig(
+        optimizer="adam", lr=lr, min_lr=lr, weight_decay=o.weight_decay, adam_beta1=o.adam_beta1,
+        adam_beta2=o.adam_beta2, clip_grad=o.clip_grad, bf16=cfg.parallel.bf16,
+        params_dtype=torch.bfloat16 if cfg.parallel.bf16 else torch.float32,
+        use_distributed_optimizer=cfg.parallel.distributed_optimizer), policy)
+    horizon = max(cfg.steps, cfg.sft_steps, 1) * max(cfg.ppo_epochs, 1) * (cfg.rollout_batch_size // cfg.global_batch_size) + 1
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0 if o.warmup_steps else lr, max_lr=lr, min_lr=lr, lr_warmup_steps=o.warmup_steps,
+        lr_decay_steps=horizon, lr_decay_style="constant", start_wd=o.weight_decay, end_wd=o.weight_decay,
+        wd_incr_steps=horizon, wd_incr_style="constant")
+    return optimizer, scheduler
+
+
+# ------------------------------------------------------------------ data
+class DataSource:
+    """RL prompts (synthetic task or a PAPO data file) and, for the warm-up, synthetic SFT samples;
+    both resumable through state_dict."""
+
+    def __init__(self, cfg: TrainConfig):
+        if cfg.data.path:
+            dataset = PapoDataset(cfg.data)
+            self.rl = ResumableIterator(dataset, seed=cfg.data.seed, shuffle=cfg.data.shuffle)
+        else:
+            self.rl = ResumableIterator(SyntheticShapes(cfg.synthetic), seed=cfg.synthetic.seed)
+        # Warm-up samples come from a disjoint seed of the same task, so RL prompts are new to the model.
+        sft = SyntheticConfig(**{**cfg.synthetic.__dict__, "seed": cfg.synthetic.seed + 1_000_003})
+        self.sft = ResumableIterator(SyntheticShapes(sft), seed=sft.seed)
+
+    def next_batch(self, n: int) -> list:
+        return self.rl.take(n)
+
+    def next_sft_batch(self, n: int) -> list:
+        return self.sft.take(n)
+
+    def state_dict(self) -> dict:
+        return {"rl": self.rl.state_dict(), "sft": self.sft.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rl.load_state_dict(state["rl"])
+        self.sft.load_state_dict(state["sft"])
+
+
+def build_data(cfg: TrainConfig, processor: VLProcessor) -> DataSource:
+    return DataSource(cfg)
+
+
+def rollout_requests(processor: VLProcessor, samples) -> list[RolloutRequest]:
+    """Chat-rendered prompt ids with ONE image pad per image (the engine's processor expands them)."""
+    return [RolloutRequest(processor.tokenizer(processor.chat_text(s.messages), add_special_tokens=False)["input_ids"],
+                           list(s.images)) for s in samples]
+
+
+# ------------------------------------------------------------------ rollout engine + weight sync
+def write_engine_folder(models: Models, folder: Path) -> Path:
+    """config.json + tokenizer + preprocessor_config.json: what vLLM needs besides the weights
+    (which it receives from the trainer by weight sync; it starts with dummy weights)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    hf = models.model_cfg.to_hf_dict()
+    hf["torch_dtype"] = hf["dtype"] = "float32"
+    (folder / "config.json").write_text(json.dumps(hf, indent=2))
+    models.processor.tokenizer.save_pretrained(folder)
+    models.processor.image_processor.save_pretrained(folder)
+    return folder
+
+
+def build_engine(cfg: TrainConfig, models: Models, out: Path):
+    from megatron_papo.rollout.vllm_engine import VLLMEngine, VLLMEngineConfig
+
+    folder = write_engine_folder(models, out / "rollout_model")
+    r = cfg.rollout
+    return VLLMEngine(VLLMEngineConfig(
+        model_path=str(folder), dtype=r.engine_dtype, max_model_len=r.max_prompt_tokens + r.max_new_tokens,
+        seed=cfg.seed, gpu_memory_utilization=r.gpu_memory_utilization, load_format="dummy"))
+
+
+def sync_weights(models: Models, engine, cfg: TrainConfig, first: bool) -> None:
+    """Push the policy's weights into the rollout engine (collective over all ranks)."""
+    from megatron_papo.rollout.weight_sync import WeightSyncConfig, sync_weights as push
+
+    push(models.policy[0].module, engine, WeightSyncConfig(bucket_mb=cfg.rollout.bucket_mb,
+                                                           skip_vision=cfg.model.freeze_vision and not first))
