@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from megatron_papo.data.dataset import DataConfig, PapoDataset, ResumableIterator, read_rows
+from megatron_papo.data.dataset import DataConfig, PapoDataset, ResumableIterator, build_iterator, read_rows
 from megatron_papo.data.prompts import PAPO_FORMAT_PROMPT
 from megatron_papo.data.synthetic import SyntheticConfig, SyntheticShapes
 
@@ -166,6 +166,7 @@ def test_iteration_deterministic_and_resumes_exactly():
     with pytest.raises(ValueError, match="does not match"):
         ResumableIterator(SyntheticShapes(SyntheticConfig(num_samples=8)), seed=3).load_state_dict(state)
     assert ids(ResumableIterator(ds, shuffle=False).take(9)) == [0, 1, 2, 3, 4, 5, 6, 0, 1]
+    assert ids(build_iterator(SyntheticConfig(seed=3, num_samples=7)).take(23)) == full
 
 
 # ---------------------------------------------------------------- processor

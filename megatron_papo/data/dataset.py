@@ -290,5 +290,10 @@ class ResumableIterator:
         self._order = self._make_order()
 
 
-def build_iterator(config: DataConfig) -> ResumableIterator:
+def build_iterator(config: "DataConfig | SyntheticConfig") -> ResumableIterator:
+    """The training stream for a data file (DataConfig) or the built-in synthetic task (SyntheticConfig)."""
+    from megatron_papo.data.synthetic import SyntheticConfig, SyntheticShapes
+
+    if isinstance(config, SyntheticConfig):
+        return ResumableIterator(SyntheticShapes(config), seed=config.seed)
     return ResumableIterator(PapoDataset(config), seed=config.seed, shuffle=config.shuffle)

@@ -23,7 +23,7 @@ MAX_RESPONSE_CHARS = 32_768  # longer responses are graded on their last MAX_RES
 MAX_MATH_CHARS = 256         # longer answers are compared as normalised strings only
 MAX_DIGIT_RUN = 40           # an answer with a longer number is compared as a string only
 MAX_BRACE_DEPTH = 6          # an answer nested deeper is compared as a string only
-MATH_TIMEOUT_S = 1           # per math-verify parse / verify call (integer seconds, as math-verify takes)
+MATH_TIMEOUT_S = 5           # per math-verify parse / verify call, wall clock (int s, as math-verify takes; its default)
 ACCURACY_WEIGHT = 0.9        # PAPO_SPEC: reward = 0.9 * accuracy + 0.1 * format
 FORMAT_WEIGHT = 0.1
 
@@ -203,6 +203,8 @@ def grade_answer(pred: str | None, gold: str, choices: dict[str, str] | None = N
     if pred is None:
         return False
     pred, gold = pred[:MAX_RESPONSE_CHARS], str(gold)
+    if _BOXED in gold:  # some datasets store the ground truth boxed
+        gold = last_boxed(gold) or gold
     p, g = normalize(pred), normalize(gold)
     if not p:
         return False
