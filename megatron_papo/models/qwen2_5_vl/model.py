@@ -121,7 +121,8 @@ class Qwen2_5_VLModel(MegatronModule):
             vocab_size=self.padded_vocab_size, max_sequence_length=cfg.max_position_embeddings,
             pre_process=self.pre_process, post_process=self.post_process, parallel_output=True,
             share_embeddings_and_output_weights=cfg.tie_word_embeddings, position_embedding_type="mrope",
-            rotary_base=cfg.rope_theta, pg_collection=self.pg_collection)
+            rotary_base=cfg.rope_theta, pg_collection=self.pg_collection,
+            scatter_embedding_sequence_parallel=False)  # embed() scatters after placing image embeddings
         self.vision_model = None
         if self.pre_process and with_vision:
             vtc = vision_transformer_config(cfg.vision, **{k: v for k, v in _common_config(opts).items()

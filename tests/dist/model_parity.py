@@ -1,0 +1,63 @@
+"""Worker (4 ranks): logits and grads of our Megatron Qwen2.5-VL vs transformers and vs TP1PP1,
+at TP1PP1, TP2PP1, TP1PP2, TP2PP2, TP2 with sequence parallel, TP2PP2 with full recompute."""
+import sys
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from transformers import Qwen2_5_VLForConditionalGeneration
+
+from megatron_papo.models.qwen2_5_vl import parity
+from megatron_papo.models.qwen2_5_vl.checkpoint_io import HFReader, gather_hf_tensors, load_hf_weights, read_hf_config
+from megatron_papo.models.qwen2_5_vl.hf_mapping import hf_hub_name
+from megatron_papo.models.qwen2_5_vl.model import ModelParallelOptions, build_model
+from megatron_papo.parallel import destroy_model_parallel, initialize_model_parallel
+
+LAYOUTS = [dict(tp=1, pp=1), dict(tp=2, pp=1), dict(tp=1, pp=2), dict(tp=2, pp=2),
+           dict(tp=2, pp=1, sequence_parallel=True),
+           dict(tp=2, pp=2, recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)]
+
+
+def main(hf_dir):
+    cfg = read_hf_config(hf_dir)
+    batch = parity.synthetic_batch(cfg)
+    weight = torch.randn(*batch["input_ids"].shape, cfg.vocab_size, generator=torch.Generator().manual_seed(1))
+    hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(hf_dir, dtype=torch.float32,
+                                                            attn_implementation="eager").eval()
+    ref_logits = parity.hf_logits(hf, batch)
+    (ref_logits * weight).sum().backward()
+    hf_grads = {hf_hub_name(n): p.grad for n, p in hf.named_parameters()}
+    tp1_grads = None
+    for layout in LAYOUTS:
+        initialize_model_parallel(layout["tp"], layout["pp"], seed=5)
+        model = build_model(cfg, ModelParallelOptions(make_vocab_size_divisible_by=8, **layout))
+        load_hf_weights(model, HFReader(hf_dir))
+        logits, _ = parity.run_model(model, batch, loss_weight=weight)
+        # norm-weight grads are partial per sequence chunk under SP: megatron all-reduces params marked
+        # `sequence_parallel` over TP (finalize_model_grads); do the same here.
+        for p in model.parameters():
+            if getattr(p, "sequence_parallel", False) and layout.get("sequence_parallel"):
+                dist.all_reduce(p.grad, group=parallel_state.get_tensor_model_parallel_group())
+        grads = gather_hf_tensors(model, grads=True)
+        if logits is not None:
+            logit_diff = (logits - ref_logits).abs().max().item()
+            assert logit_diff <= 1e-4, (layout, logit_diff)
+            print(f"rank{dist.get_rank()} {layout} max_abs_logit_diff_vs_hf={logit_diff:.2e}", flush=True)
+        # grads reach ~1e2 (a sum over every logit): compare relative to the largest grad magnitude
+        scale = max(hf_grads[n].abs().max().item() for n in grads)
+        hf_diff = max((grads[n] - hf_grads[n]).abs().max().item() for n in grads) / scale
+        assert hf_diff <= 1e-5, (layout, hf_diff)
+        if tp1_grads is None:
+            assert len(grads) == len(hf_grads), "TP1PP1 stage must hold every HF parameter"
+            tp1_grads = grads
+        else:
+            diff = max((grads[n] - tp1_grads[n]).abs().max().item() for n in grads) / scale
+            assert diff <= 1e-5, (layout, diff)
+            print(f"rank{dist.get_rank()} {layout} {len(grads)} grads max_rel_diff_vs_tp1={diff:.2e} "
+                  f"vs_hf={hf_diff:.2e} (grad scale {scale:.1f})", flush=True)
+        parallel_state.destroy_model_parallel()
+    destroy_model_parallel()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
