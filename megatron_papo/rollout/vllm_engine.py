@@ -34,6 +34,7 @@ class VLLMEngineConfig:
     max_images_per_prompt: int = 1
     enable_prefix_caching: bool = True    # n samples of one prompt share its prefill
     seed: int = 0                         # engine seed (per-sample seeds come from SamplingConfig.seed)
+    load_format: str = "auto"             # "dummy": start without reading weights (the trainer syncs them in)
     gpu_memory_utilization: float = 0.5   # GPU only: fraction of GPU memory vLLM may take (colocated with training)
     enable_sleep_mode: bool = True        # GPU only: sleep()/wake_up() release/restore GPU memory between phases
     sleep_level: int = 1                  # GPU only: 1 = offload weights to host (needed when some are not re-sent,
@@ -87,6 +88,7 @@ class VLLMEngine(RolloutEngine):
             enable_prefix_caching=cfg.enable_prefix_caching,
             limit_mm_per_prompt={"image": cfg.max_images_per_prompt, "video": 0},
             seed=cfg.seed,
+            load_format=cfg.load_format,
             # log-probs of the distribution sampled from (temperature, top-p applied): engine.py doc
             logprobs_mode="processed_logprobs",
             **options,
