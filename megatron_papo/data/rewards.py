@@ -169,15 +169,19 @@ class _GraderProcess:
     def equal(self, pred: str, gold: str, timeout_s: float) -> bool:
         with self._lock:
             if self._proc is None or not self._proc.is_alive():
-                ctx = mp.get_context("spawn")
+                ctx = mp.get_context("spawn")  # not fork: the trainer process has threads
                 self._conn, child = ctx.Pipe()
                 self._proc = ctx.Process(target=_grader_loop, args=(child,), daemon=True)
                 self._proc.start()
-            self._conn.send((pred, gold))
-            # the first call also waits for the spawn (imports); later calls for one check
-            if self._conn.poll(timeout_s if self._warm else timeout_s + 30):
-                self._warm = True
-                return self._conn.recv()
+                child.close()
+            try:
+                self._conn.send((pred, gold))
+                # the first call also waits for the spawn (imports); later calls for one check
+                if self._conn.poll(timeout_s if self._warm else timeout_s + 30):
+                    result, self._warm = self._conn.recv(), True
+                    return result
+            except (EOFError, OSError):  # the helper died: treat like an overrun
+                pass
             self._proc.kill()  # overran: drop the process, the next call starts a fresh one
             self._proc.join()
             self._proc, self._warm = None, False
