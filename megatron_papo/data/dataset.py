@@ -82,8 +82,32 @@ class SkipStats:
 
 # ---------------------------------------------------------------- reading files
 
-def read_rows(path: str) -> list[dict]:
-    """All rows of a parquet or jsonl file as dicts; a clear error naming the file when unreadable."""
+class ParquetRows:
+    """Rows of a memory-mapped parquet table, made into dicts one at a time (image bytes stay on disk)."""
+
+    def __init__(self, table, path: str):
+        self.table, self.path = table, path
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    def __getitem__(self, i: int) -> dict:
+        return self.table.slice(i, 1).to_pylist()[0]
+
+    def __iter__(self):
+        try:
+            for batch in self.table.to_batches(max_chunksize=256):
+                yield from batch.to_pylist()
+        except (OSError, ValueError) as e:  # pyarrow's errors for damaged pages subclass these
+            raise ValueError(f"data file {self.path}: corrupt parquet data: {e}") from e
+
+    @property
+    def columns(self) -> set[str]:
+        return set(self.table.column_names)
+
+
+def read_rows(path: str) -> "ParquetRows | list[dict]":
+    """The rows of a parquet or jsonl file (dicts); a clear error naming the file when unreadable."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"data file {path} does not exist")
     ext = os.path.splitext(path)[1].lower()
@@ -91,7 +115,7 @@ def read_rows(path: str) -> list[dict]:
         import pyarrow.parquet as pq
 
         try:
-            return pq.read_table(path).to_pylist()
+            return ParquetRows(pq.read_table(path, memory_map=True), path)
         except Exception as e:
             raise ValueError(f"data file {path} is not a readable parquet file: {e}") from e
     if ext in (".jsonl", ".json"):
@@ -159,9 +183,10 @@ class PapoDataset:
         self.folder = os.path.dirname(os.path.abspath(config.path))
         self.stats = SkipStats()
         self._rows = read_rows(config.path)
+        columns = self._rows.columns if isinstance(self._rows, ParquetRows) else set().union(*self._rows)
         for key in (config.problem_key, config.answer_key):
-            if self._rows and all(key not in r for r in self._rows):
-                raise ValueError(f"data file {config.path} has no column {key!r}; columns: {sorted(self._rows[0])}")
+            if len(self._rows) and key not in columns:
+                raise ValueError(f"data file {config.path} has no column {key!r}; columns: {sorted(columns)}")
         self._good: list[int] = []
         for i, row in enumerate(self._rows):
             try:
