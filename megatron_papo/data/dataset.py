@@ -160,6 +160,18 @@ def _image_bytes(image, folder: str) -> bytes:
     raise BadRow("missing_image", f"image of type {type(image).__name__} (expected bytes, path or dict)")
 
 
+def _read_image(image, folder: str, decode: bool):
+    """The header's (width, height), or with decode=True the RGB uint8 [H, W, 3] array."""
+    data = _image_bytes(image, folder)
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return np.asarray(im.convert("RGB"), dtype=np.uint8).copy() if decode else im.size
+    except Image.DecompressionBombError as e:
+        raise BadRow("image_too_large", str(e)) from None
+    except Exception as e:
+        raise BadRow("undecodable_image", f"{type(e).__name__}: {e}") from None
+
+
 def _decode_b64(value):
     """jsonl stores bytes as base64 strings inside {"bytes": ...}."""
     if isinstance(value, dict) and isinstance(value.get("bytes"), str):
@@ -190,7 +202,7 @@ class PapoDataset:
         self._good: list[int] = []
         for i, row in enumerate(self._rows):
             try:
-                self._check(row, i)
+                self._check(row)
                 self._good.append(i)
             except BadRow as e:
                 self._skip(e, i)
@@ -206,7 +218,7 @@ class PapoDataset:
             images = [images]
         return [_decode_b64(im) for im in images]
 
-    def _check(self, row: dict, i: int) -> None:
+    def _check(self, row: dict) -> None:
         """Cheap checks at load time: text, answer, image headers (size) — no full decode."""
         c = self.config
         problem, answer = row.get(c.problem_key), row.get(c.answer_key)
@@ -219,13 +231,7 @@ class PapoDataset:
         if n_placeholders and n_placeholders != len(images):
             raise BadRow("placeholder_mismatch", f"{n_placeholders} {IMAGE_PLACEHOLDER} placeholders, {len(images)} images")
         for image in images:
-            try:
-                with Image.open(io.BytesIO(_image_bytes(image, self.folder))) as im:
-                    w, h = im.size
-            except BadRow:
-                raise
-            except Exception as e:
-                raise BadRow("undecodable_image", f"{type(e).__name__}: {e}") from None
+            w, h = _read_image(image, self.folder, decode=False)
             if min(w, h) < c.min_image_side:
                 raise BadRow("image_too_small", f"{w}x{h} px, min side {c.min_image_side}")
             if max(w, h) > c.max_image_side or w * h > c.max_image_pixels:
@@ -239,15 +245,7 @@ class PapoDataset:
         c = self.config
         row_id = self._good[index]
         row = self._rows[row_id]
-        images = []
-        for image in self._images_of(row):
-            try:
-                with Image.open(io.BytesIO(_image_bytes(image, self.folder))) as im:
-                    images.append(np.asarray(im.convert("RGB"), dtype=np.uint8).copy())
-            except BadRow:
-                raise
-            except Exception as e:
-                raise BadRow("undecodable_image", f"{type(e).__name__}: {e}") from None
+        images = [_read_image(image, self.folder, decode=True) for image in self._images_of(row)]
         problem = row[c.problem_key]
         if images and IMAGE_PLACEHOLDER not in problem:
             problem = IMAGE_PLACEHOLDER * len(images) + problem  # images first, as chat UIs put them
