@@ -289,6 +289,10 @@ def test_tokenizer_round_trip_and_deterministic(tmp_path, tiny_tokenizer):
     assert loaded.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == text
     assert loaded(text)["input_ids"] == tiny_tokenizer(text)["input_ids"]
     assert len(loaded) == len(tiny_tokenizer)
+    # a model folder whose chat template sits with the processor (chat_template.json) instead
+    (tmp_path / "a" / "chat_template.jinja").unlink()
+    (tmp_path / "a" / "chat_template.json").write_text(json.dumps({"chat_template": "{{ messages[0]['content'] }}!"}))
+    assert load_tokenizer(tmp_path / "a").apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == "hi!"
 
 
 def test_chat_template_renders_image_block(tiny_tokenizer):

@@ -7,6 +7,7 @@ model config and the tokenizer agree. Training is deterministic: same files on e
 """
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 
@@ -101,6 +102,11 @@ def load_tokenizer(folder: str | os.PathLike):
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"tokenizer folder {folder} does not exist")
     tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    if not tok.chat_template:
-        tok.chat_template = QWEN_VL_CHAT_TEMPLATE
+    if not tok.chat_template:  # HF VL folders may keep the template with the processor instead
+        processor_template = os.path.join(folder, "chat_template.json")
+        if os.path.isfile(processor_template):
+            with open(processor_template, encoding="utf-8") as f:
+                tok.chat_template = json.load(f)["chat_template"]
+        else:
+            tok.chat_template = QWEN_VL_CHAT_TEMPLATE
     return tok
