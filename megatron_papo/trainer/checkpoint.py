@@ -19,7 +19,7 @@ import shutil
 import signal
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -112,9 +112,11 @@ def _sharded_state_dict(modules: dict, optimizer, is_loading: bool) -> dict[str,
 
 
 def save_checkpoint(cfg: CheckpointConfig, step: int, modules: dict, optimizer, scheduler,
-                    train_state: dict[str, Any]) -> Path:
+                    train_state: dict[str, Any], write_extras: Callable[[Path], None] | None = None) -> Path:
     """Collective: every rank calls it. `train_state` (step, data position, ...) is the same on all
-    ranks and saved once as common state. Returns the final directory."""
+    ranks and saved once as common state. `write_extras(dir)` runs on rank 0 before the checkpoint
+    is marked complete (config.json, tokenizer, ... so tools can read the directory). Returns the
+    final directory."""
     from megatron.core import dist_checkpointing
 
     root = Path(cfg.save_dir)
@@ -132,6 +134,8 @@ def save_checkpoint(cfg: CheckpointConfig, step: int, modules: dict, optimizer, 
     dist_checkpointing.save(sd, str(tmp))
     dist.barrier()
     if rank0:
+        if write_extras is not None:
+            write_extras(tmp)
         (tmp / COMPLETE_MARKER).write_text(f"{step}\n")
         if final.exists():  # a re-save of the same step (e.g. signal right after a periodic save)
             shutil.rmtree(final)

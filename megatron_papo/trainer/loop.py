@@ -33,7 +33,7 @@ from megatron_papo.trainer.config import TrainConfig
 from megatron_papo.trainer.metrics import MetricsLogger
 from megatron_papo.trainer.pipeline import run_micro_batches
 from megatron_papo.trainer.setup import (RunState, build_data, build_engine, build_models, build_optimizer,
-                                         rollout_requests, sync_weights)
+                                         build_weight_sync, rollout_requests, sync_weights)
 
 
 class Trainer:
@@ -58,6 +58,7 @@ class Trainer:
             self._load(resume_from)
         self.metrics = MetricsLogger(self.out, cfg.monitor, enabled=self.rank == 0, resume_step=self.state.step)
         self.engine = build_engine(cfg, self.models, self.out) if self.rank == 0 else None
+        self.weight_sync = build_weight_sync(cfg, self.models)
 
     # ------------------------------------------------------------------ the run
     def run(self) -> None:
@@ -69,7 +70,7 @@ class Trainer:
             self.state.sft_done = True
             self.optimizer, self.scheduler = build_optimizer(cfg, self.models.policy, cfg.optim.lr)
             self._save()  # step 0: a killed run never redoes the warm-up
-        sync_weights(self.models, self.engine, cfg, first=True)
+        sync_weights(self.models, self.engine, self.weight_sync)
         alarm = None
         while self.state.step < cfg.steps:
             self.state.step += 1
@@ -100,7 +101,7 @@ class Trainer:
         with _timed(phases, "train"):
             train_metrics = self.update(mine)
         with _timed(phases, "sync"):
-            sync_weights(self.models, self.engine, cfg, first=False)
+            sync_weights(self.models, self.engine, self.weight_sync)
         tokens = sum(e.length for e in experiences)
         metrics = {**rollout_metrics, **train_metrics, "lr": self.optimizer.param_groups[0]["lr"],
                    "tokens_per_s": tokens / max(sum(phases.values()), 1e-9)}
@@ -321,7 +322,7 @@ class Trainer:
     def _save(self) -> None:
         train_state = dataclasses.asdict(self.state) | {"data": self.data.state_dict()}
         ckpt.save_checkpoint(self.cfg.checkpoint, self.state.step, self.models.checkpoint_modules(),
-                             self.optimizer, self.scheduler, train_state)
+                             self.optimizer, self.scheduler, train_state, write_extras=self.models.write_model_files)
 
     def _load(self, path: Path) -> None:
         if self.rank == 0:

@@ -59,6 +59,22 @@ class Models:
         else:
             yield
 
+    def write_model_files(self, folder: Path) -> None:
+        """config.json, the layout file, tokenizer and image-processor config: what makes a
+        checkpoint (or the engine's folder) readable by tools/ and the eval without the run's config."""
+        from megatron_papo.models.qwen2_5_vl.checkpoint_io import HF_CONFIG, LAYOUT_FILE
+
+        folder.mkdir(parents=True, exist_ok=True)
+        model = self.policy[0].module
+        hf = self.model_cfg.to_hf_dict()
+        hf["torch_dtype"] = hf["dtype"] = str(model.opts.params_dtype).removeprefix("torch.")
+        (folder / HF_CONFIG).write_text(json.dumps(hf, indent=2))
+        (folder / LAYOUT_FILE).write_text(json.dumps({"tp": model.opts.tp, "pp": model.opts.pp,
+                                                      "padded_vocab_size": model.padded_vocab_size,
+                                                      "dtype": hf["dtype"]}))
+        self.processor.tokenizer.save_pretrained(folder)
+        self.processor.image_processor.save_pretrained(folder)
+
     def checkpoint_modules(self) -> dict:
         out = {"model": self.policy[0]}
         if self.reference is not None:
@@ -195,31 +211,27 @@ def rollout_requests(processor: VLProcessor, samples) -> list[RolloutRequest]:
 
 
 # ------------------------------------------------------------------ rollout engine + weight sync
-def write_engine_folder(models: Models, folder: Path) -> Path:
-    """config.json + tokenizer + preprocessor_config.json: what vLLM needs besides the weights
-    (which it receives from the trainer by weight sync; it starts with dummy weights)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    hf = models.model_cfg.to_hf_dict()
-    hf["torch_dtype"] = hf["dtype"] = "float32"
-    (folder / "config.json").write_text(json.dumps(hf, indent=2))
-    models.processor.tokenizer.save_pretrained(folder)
-    models.processor.image_processor.save_pretrained(folder)
-    return folder
-
-
 def build_engine(cfg: TrainConfig, models: Models, out: Path):
     from megatron_papo.rollout.vllm_engine import VLLMEngine, VLLMEngineConfig
 
-    folder = write_engine_folder(models, out / "rollout_model")
+    folder = out / "rollout_model"  # config + tokenizer + processor; weights arrive by sync (dummy load)
+    models.write_model_files(folder)
     r = cfg.rollout
     return VLLMEngine(VLLMEngineConfig(
         model_path=str(folder), dtype=r.engine_dtype, max_model_len=r.max_prompt_tokens + r.max_new_tokens,
         seed=cfg.seed, gpu_memory_utilization=r.gpu_memory_utilization, load_format="dummy"))
 
 
-def sync_weights(models: Models, engine, cfg: TrainConfig, first: bool) -> None:
-    """Push the policy's weights into the rollout engine (collective over all ranks)."""
-    from megatron_papo.rollout.weight_sync import WeightSyncConfig, sync_weights as push
+def build_weight_sync(cfg: TrainConfig, models: Models):
+    from megatron_papo.rollout.weight_sync import SyncGroups, WeightSync, WeightSyncConfig
 
-    push(models.policy[0].module, engine, WeightSyncConfig(bucket_mb=cfg.rollout.bucket_mb,
-                                                           skip_vision=cfg.model.freeze_vision and not first))
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[cfg.rollout.engine_dtype]
+    return WeightSync(models.model_cfg, SyncGroups.from_parallel_state(), WeightSyncConfig(
+        bucket_mb=cfg.rollout.bucket_mb, freeze_vision=cfg.model.freeze_vision, transfer_dtype=dtype))
+
+
+def sync_weights(models: Models, engine, weight_sync) -> None:
+    """Push the policy's weights into the rollout engine (collective over all ranks)."""
+    from megatron_papo.models.qwen2_5_vl.checkpoint_io import param_rules
+
+    weight_sync.sync(param_rules(models.policy[0].module), engine)

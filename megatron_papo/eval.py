@@ -1,0 +1,109 @@
+"""avg@k accuracy of a checkpoint with the rollout engine (vLLM).
+
+    python -m megatron_papo.eval --ckpt outputs/papo_tiny/checkpoints/step_00000040 --data synthetic --k 8
+    python -m megatron_papo.eval --ckpt hf_folder --data mathverse.parquet --k 8 --temperature 1.0
+
+--ckpt is an HF folder (safetensors) or a Megatron checkpoint (a training step directory or the
+output of tools/convert_hf_to_megatron.py, at any TP/PP); a Megatron checkpoint is converted to a
+temporary HF folder first, one layer at a time. Prints one line per metric and, as its last line,
+`avg@k=<accuracy> pass@k=<fraction> format=<fraction> samples=<n>`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+
+def hf_folder_for(ckpt: Path, workdir: Path) -> Path:
+    """An HF folder vLLM can load: `ckpt` itself, or a conversion of the Megatron checkpoint."""
+    if any(ckpt.glob("*.safetensors")):
+        return ckpt
+    import torch.distributed as dist
+
+    from megatron_papo.models.qwen2_5_vl.checkpoint_io import iter_dist_checkpoint_as_hf, read_hf_config, write_hf_folder
+
+    if not dist.is_initialized():  # reading a dist checkpoint needs a (one-rank) process group
+        from megatron_papo.parallel.distributed import _free_port
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    cfg = read_hf_config(ckpt)
+    out = workdir / "hf"
+    write_hf_folder(out, cfg, iter_dist_checkpoint_as_hf(ckpt, cfg, show_progress=True))
+    for name in ckpt.iterdir():  # tokenizer and processor files travel along
+        if name.suffix in (".json", ".jinja", ".txt", ".model") and not (out / name.name).exists():
+            (out / name.name).write_bytes(name.read_bytes())
+    dist.destroy_process_group()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="megatron_papo.eval", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="HF folder or Megatron checkpoint directory")
+    p.add_argument("--data", default="synthetic", help="PAPO-format parquet/jsonl, or 'synthetic'")
+    p.add_argument("--k", type=int, default=8, help="samples per problem (avg@k, pass@k)")
+    p.add_argument("--limit", type=int, default=256, help="problems to evaluate (first N in file order)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=0.99)
+    p.add_argument("--max-new-tokens", type=int, default=2048)
+    p.add_argument("--min-pixels", type=int, default=256 * 28 * 28)
+    p.add_argument("--max-pixels", type=int, default=1280 * 28 * 28)
+    p.add_argument("--synthetic-seed", type=int, default=12345, help="synthetic task: a seed unseen in training")
+    p.add_argument("--synthetic-levels", default="1,2", help="synthetic task: difficulty levels")
+    p.add_argument("--synthetic-image-size", type=int, default=56)
+    p.add_argument("--dtype", default="bfloat16", help="vLLM dtype (float32 on CPU for exactness)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="write per-sample results as jsonl here")
+    args = p.parse_args(argv)
+
+    from megatron_papo.data.dataset import DataConfig, PapoDataset
+    from megatron_papo.data.processor import ProcessorConfig, VLProcessor
+    from megatron_papo.data.rewards import get_reward_fn
+    from megatron_papo.data.synthetic import SyntheticConfig, SyntheticShapes
+    from megatron_papo.rollout.engine import SamplingConfig
+    from megatron_papo.rollout.vllm_engine import VLLMEngine, VLLMEngineConfig
+    from megatron_papo.trainer.setup import rollout_requests
+
+    ckpt = Path(args.ckpt)
+    if not ckpt.is_dir():
+        print(f"error: --ckpt {ckpt}: not a directory", file=sys.stderr)
+        return 2
+    if args.data == "synthetic":
+        levels = tuple(int(x) for x in args.synthetic_levels.split(","))
+        dataset = SyntheticShapes(SyntheticConfig(seed=args.synthetic_seed, levels=levels,
+                                                  image_size=args.synthetic_image_size, num_samples=args.limit))
+    else:
+        dataset = PapoDataset(DataConfig(path=args.data))
+    samples = [s for s in (dataset[i] for i in range(min(args.limit, len(dataset)))) if s is not None]
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = hf_folder_for(ckpt, Path(tmp))
+        processor = VLProcessor.from_config(ProcessorConfig(tokenizer_path=str(folder), min_pixels=args.min_pixels,
+                                                            max_pixels=args.max_pixels))
+        config = json.loads((folder / "config.json").read_text())
+        engine = VLLMEngine(VLLMEngineConfig(model_path=str(folder), dtype=args.dtype, seed=args.seed,
+                                             max_model_len=4096 + args.max_new_tokens,
+                                             max_images_per_prompt=max(1, max(len(s.images) for s in samples))))
+        outputs = engine.generate(rollout_requests(processor, samples), SamplingConfig(
+            n=args.k, temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+            stop_token_ids=[config["eos_token_id"]], seed=args.seed))
+    reward_fn = get_reward_fn("papo")
+    rows, solved = [], 0
+    for s, outs in zip(samples, outputs):
+        graded = [reward_fn(processor.tokenizer.decode(o.response_token_ids, skip_special_tokens=True), s.answer,
+                            s.choices) for o in outs]
+        solved += any(g.accuracy > 0 for g in graded)
+        rows += [{"sample_id": s.sample_id, "answer": s.answer, "accuracy": g.accuracy, "format": g.format}
+                 for g in graded]
+    acc = sum(r["accuracy"] for r in rows) / max(len(rows), 1)
+    fmt = sum(r["format"] for r in rows) / max(len(rows), 1)
+    if args.out:
+        Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    print(f"problems {len(samples)}  samples {len(rows)}  k {args.k}")
+    print(f"avg@{args.k}={acc:.4f} pass@{args.k}={solved / max(len(samples), 1):.4f} format={fmt:.4f} samples={len(rows)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
