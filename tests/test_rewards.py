@@ -115,7 +115,8 @@ def test_grading_off_the_main_thread_is_bounded():
     assert not worker.is_alive()
     assert [r.accuracy for r in out] == [1.0, 0.0]
     # an overrun kills the helper process and counts as wrong; the next call starts a fresh one
-    assert rewards._GRADER.equal("1/2", "0.5", timeout_s=0.0) is False
+    # (a pair the helper has not cached: parsing it takes milliseconds, far longer than a 0 s wait)
+    assert rewards._GRADER.equal("\\frac{7}{9}", "14/18", timeout_s=0.0) is False
     assert rewards._GRADER._proc is None
     assert rewards._GRADER.equal("1/2", "0.5", timeout_s=5.0) is True
 
