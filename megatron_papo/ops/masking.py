@@ -189,7 +189,7 @@ def mask_raw_images(images: Sequence[np.ndarray], *, seed: int, sample_ids: Sequ
         gh, gw = -(-h // patch_size), -(-w // patch_size)
         cells = _cell_mask_numpy(image_key(seed, sample_id, image_index), gh * gw, ratio,
                                  exact_ratio).reshape(gh, gw)
-        # Per cell row, one byte per pixel-row byte: out = (in & keep) | put, as in the C++ code.
+        # Per cell row, one byte per pixel-row byte: out = (in & keep) | put (a vectorised select).
         row_bytes = w * im.shape[2]
         masked = cells.repeat(patch_size * im.shape[2], 1)[:, :row_bytes]
         keep = np.where(masked, 0, 255).astype(np.uint8)
