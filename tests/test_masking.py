@@ -4,6 +4,7 @@ import math
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -130,7 +131,8 @@ def test_same_mask_in_a_separate_process():
     code = ("import numpy as np; from megatron_papo.ops import masking as m; "
             f"print(''.join('1' if v else '0' for v in m.cell_mask(20, 31, {kw}).ravel()))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}, cwd=".")
+                         env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
+                         cwd=Path(__file__).resolve().parents[1])
     here = masking.cell_mask(20, 31, seed=123, sample_id=45, image_index=2, ratio=0.6)
     assert out.stdout.strip() == "".join("1" if v else "0" for v in here.ravel())
 
