@@ -3,15 +3,20 @@
 Every vLLM-specific call of the project is in this file. CPU and GPU take the same code path; the
 device-specific options are chosen in one place, `_device_options`.
 
-Weight updates go through the worker's `reload_weights` (vLLM's in-place reload, which runs each
-parameter's own weight_loader, so HF names and full tensors are accepted and vLLM shards them for
-its TP rank). Afterwards the prefix (KV) cache and the vision encoder cache must be reset, or
+Weight updates: the (HF name, full tensor) pairs are packed into one byte payload with a small
+index and handed to every vLLM worker through `collective_rpc` and a worker extension
+(`WorkerWeightLoader`, installed with vLLM's `worker_extension_cls`), which rebuilds the tensors
+and runs the worker's `reload_weights` (vLLM's in-place reload: each parameter's own weight_loader,
+so HF names and full tensors are accepted and vLLM shards them for its TP rank). Bytes rather than
+tensors because the payload may cross two process boundaries (engine core, then worker) and vLLM's
+second hop pickles, which its zero-copy tensors do not survive. Afterwards the prefix (KV) cache and the vision encoder cache must be reset, or
 requests that share a prefix / an image with an earlier one reuse values computed with the old
 weights.
 """
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -51,9 +56,14 @@ def _device_options(cfg: VLLMEngineConfig) -> dict[str, Any]:
     if _on_cpu():
         if cfg.tensor_parallel_size != 1:
             raise ValueError("the CPU vLLM build is run in-process with tensor_parallel_size=1")
-        # Read by vLLM when the engine starts; explicit user settings win.
+        # Read by vLLM when the engine starts.
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.cpu_kv_cache_space_gib))
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine core in this process
+        # Engine core in this process (start-up in seconds), unless this process already belongs to
+        # a torch.distributed world (a training rank): vLLM's worker would adopt that world as its
+        # own and wait for every rank in its group set-up. Then the engine core runs in a child
+        # process (vLLM spawns it on CPU: the launching script needs an `if __name__ == "__main__"` guard).
+        in_training_world = torch.distributed.is_available() and torch.distributed.is_initialized()
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if in_training_world else "0"
         return {"enforce_eager": True}  # no graph capture: start-up in seconds
     return {"gpu_memory_utilization": cfg.gpu_memory_utilization,
             "enable_sleep_mode": cfg.enable_sleep_mode}
@@ -68,6 +78,39 @@ def _as_pil(image: Any):
     if array.ndim != 3 or array.shape[2] != 3 or array.dtype != np.uint8:
         raise ValueError(f"an image must be a PIL image or an (H, W, 3) uint8 array; got {array.shape} {array.dtype}")
     return Image.fromarray(array)
+
+
+_ALIGN = 64  # bytes; every packed tensor starts at a multiple of this (dtype views need alignment)
+
+
+def _pack(weights: Iterable[tuple[str, torch.Tensor]]) -> tuple[list, bytearray]:
+    """(name, tensor) pairs -> (index of [name, dtype, shape, offset, nbytes], one byte payload)."""
+    items = [(name, tensor.detach().contiguous()) for name, tensor in weights]
+    index, offset = [], 0
+    for name, tensor in items:
+        nbytes = tensor.numel() * tensor.element_size()
+        index.append([name, str(tensor.dtype).removeprefix("torch."), list(tensor.shape), offset, nbytes])
+        offset += -(-nbytes // _ALIGN) * _ALIGN
+    payload = bytearray(offset)
+    if offset:
+        flat = torch.frombuffer(payload, dtype=torch.uint8)
+        for (_, _, _, start, nbytes), (_, tensor) in zip(index, items):
+            flat[start:start + nbytes].copy_(tensor.reshape(-1).view(torch.uint8))
+    return index, payload
+
+
+class WorkerWeightLoader:
+    """Mixed into vLLM's worker class (`worker_extension_cls`): runs inside each vLLM worker."""
+
+    def load_packed_weights(self, index: list, payload: bytes) -> None:
+        if not payload:
+            return
+        with warnings.catch_warnings():  # the payload is read-only; the tensors are only read
+            warnings.simplefilter("ignore", UserWarning)
+            flat = torch.frombuffer(payload, dtype=torch.uint8)
+        weights = [(name, flat[start:start + nbytes].view(getattr(torch, dtype)).view(shape))
+                   for name, dtype, shape, start, nbytes in index]
+        self.reload_weights(weights_iterator=weights)
 
 
 class VLLMEngine(RolloutEngine):
@@ -91,6 +134,7 @@ class VLLMEngine(RolloutEngine):
             load_format=cfg.load_format,
             # log-probs of the distribution sampled from (temperature, top-p applied): engine.py doc
             logprobs_mode="processed_logprobs",
+            worker_extension_cls=f"{__name__}.WorkerWeightLoader",
             **options,
         )
 
@@ -132,12 +176,22 @@ class VLLMEngine(RolloutEngine):
 
     # ---- weights ----
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        # The in-process executor passes the list by reference (no copy); remote workers pickle it.
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(weights)})
+        index, payload = _pack(weights)
+        self.llm.collective_rpc("load_packed_weights", args=(index, payload))
+
+    def load_weights_from_folder(self, path: str) -> None:
+        """Reload every weight from an HF safetensors folder (the disk route; benchmarks compare
+        it with load_weights). Caches are reset too."""
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_path": path})
+        self.reset_caches()
 
     def reset_caches(self) -> None:
         self.llm.reset_prefix_cache()
         self.llm.llm_engine.reset_encoder_cache()
+
+    def close(self) -> None:
+        """Stop the engine core (and its child process, if any)."""
+        self.llm.llm_engine.engine_core.shutdown()
 
     # ---- memory between phases ----
     def sleep(self) -> None:

@@ -1,7 +1,8 @@
 """Test helpers for the rollout tests: a tiny Qwen2.5-VL HF folder that vLLM can load offline.
 
-The folder holds random fp32 weights of the `tiny` flavor, a byte-level tokenizer whose special
-tokens sit at the flavor's ids (1016..), the Qwen chat template, and an image-processor config.
+The folder holds random fp32 weights (the `tiny` flavor widened to vLLM's smallest CPU head size,
+or any flavor keeping tiny's special-token ids), the project's tiny tokenizer (specials at ids
+1016..1022, Qwen chat template) and an image-processor config.
 The image is small (56x56 px -> 4x4 patches -> 4 LLM tokens) so everything runs in seconds.
 """
 from __future__ import annotations
@@ -12,33 +13,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-# Qwen special tokens, placed at the tiny flavor's ids (see flavors.py "tiny").
-TINY_SPECIAL_TOKENS = {
-    "<|endoftext|>": 1016, "<|im_end|>": 1017, "<|vision_start|>": 1018, "<|vision_end|>": 1019,
-    "<|image_pad|>": 1020, "<|video_pad|>": 1021, "<|im_start|>": 1022,
-}
+from megatron_papo.data.tokenizer import TINY_SPECIAL_START, save_tiny_tokenizer
+from megatron_papo.data.tokenizer import TINY_SPECIAL_TOKENS as _SPECIALS_IN_ORDER
+
+# Qwen special tokens at the tiny flavor's ids (megatron_papo.data.tokenizer puts them there).
+TINY_SPECIAL_TOKENS = {tok: TINY_SPECIAL_START + i for i, tok in enumerate(_SPECIALS_IN_ORDER)}
 IMAGE_SIDE = 56          # pixels; 56 / 14 = 4 patches per side, 2x2 merge -> 4 image tokens
-
-
-def build_tokenizer(vocab_size: int = 1024):
-    """A byte-level BPE tokenizer (256 byte tokens, filler tokens up to 1016, Qwen specials)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
-    for i in range(len(vocab), min(TINY_SPECIAL_TOKENS.values())):
-        vocab[f"<|filler_{i}|>"] = i
-    vocab.update(TINY_SPECIAL_TOKENS)  # specials at fixed ids; registered as special below
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    fast.add_special_tokens({"additional_special_tokens": list(TINY_SPECIAL_TOKENS)})
-    for text, idx in TINY_SPECIAL_TOKENS.items():
-        assert fast.convert_tokens_to_ids(text) == idx, (text, fast.convert_tokens_to_ids(text), idx)
-    assert len(fast) <= vocab_size
-    return fast
 
 
 def rollout_test_flavor():
@@ -49,7 +29,7 @@ def rollout_test_flavor():
     return get_flavor("tiny", hidden_size=128, mrope_section=(4, 6, 6))
 
 
-def build_tiny_hf_folder(path: Path, seed: int = 0, cfg=None) -> Path:
+def build_tiny_hf_folder(path: Path, seed: int = 0, cfg=None, scale: float = 4.0) -> Path:
     """Save a random-init tiny Qwen2.5-VL (fp32) with tokenizer + processor configs to `path`."""
     import transformers
 
@@ -61,11 +41,10 @@ def build_tiny_hf_folder(path: Path, seed: int = 0, cfg=None) -> Path:
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" not in name and p.ndim == 2:
-                p.mul_(4.0)
+                p.mul_(scale)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path, safe_serialization=True)
-    tok = build_tokenizer(cfg.vocab_size)
-    tok.save_pretrained(path)
+    save_tiny_tokenizer(path)  # the project's tiny tokenizer: specials at ids 1016..1022
     (path / "preprocessor_config.json").write_text(json.dumps({
         "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor",
         "do_resize": True, "do_rescale": True, "do_normalize": True, "do_convert_rgb": True,
