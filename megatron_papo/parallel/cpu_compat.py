@@ -8,7 +8,9 @@ On a GPU machine `apply_cpu_remedies()` returns False and changes nothing. On CP
   2. makes the model-parallel RNG tracker keep CPU generator states (`CpuRNGStatesTracker`);
      TP>1 attention always forks it and `model_parallel_cuda_manual_seed` needs CUDA (0.16.1);
   3. lets clip_grad_by_total_norm_fp32 accept CPU grads (it asserts 'torch.cuda.FloatTensor', 0.16.1);
-  4. gives gloo a reduce_scatter_tensor (gloo lacks it; sequence parallel needs it; 0.16.1).
+  4. gives gloo a reduce_scatter_tensor (gloo lacks it; sequence parallel needs it; 0.16.1);
+  5. lets LanguageModule.setup_embeddings_and_output_layer (tied embeddings with PP > 1) keep the
+     weight on CPU: it calls `weight.data.cuda()` (0.16.1).
 The bf16 optimizers (Float16Optimizer, DistributedOptimizer) still test `param.type()` against
 'torch.cuda.*': CPU training uses fp32 params (FP32Optimizer), so that path is left alone.
 Sequence parallel without TE/apex is handled by `megatron_papo.parallel.norm.RMSNorm`, not here.
@@ -195,6 +197,19 @@ def _clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decouple
             grad.detach().mul_(clip_coeff)
 
 
+def _tensor_stays_on_cpu(method):
+    """Run `method` with Tensor.cuda() returning the tensor itself (only for that call)."""
+    def wrapped(*args, **kwargs):
+        saved = torch.Tensor.cuda
+        torch.Tensor.cuda = lambda tensor, *a, **k: tensor
+        try:
+            return method(*args, **kwargs)
+        finally:
+            torch.Tensor.cuda = saved
+
+    return wrapped
+
+
 def seed_model_parallel_rng(seed: int, tp_rank: int, ep_rank: int = 0, etp_rank: int = 0) -> None:
     """model_parallel_cuda_manual_seed for CPU: the same seeds, on CPU generator states."""
     from megatron.core.tensor_parallel import random as mp_random
@@ -236,6 +251,9 @@ def apply_cpu_remedies() -> bool:
         lambda seed, *args, **kwargs: seed_model_parallel_rng(seed, _tp_rank()))
 
     mappings.dist_reduce_scatter_func = _reduce_scatter_tensor
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+    LanguageModule.setup_embeddings_and_output_layer = _tensor_stays_on_cpu(
+        LanguageModule.setup_embeddings_and_output_layer)
     original_clip = clip_grads.clip_grad_by_total_norm_fp32  # before the loop rebinds clip_grads' own name
     for name, module in list(sys.modules.items()):
         if name.startswith("megatron.core") and getattr(module, "clip_grad_by_total_norm_fp32", None) is original_clip:
