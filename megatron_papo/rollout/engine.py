@@ -83,7 +83,13 @@ class RolloutEngine(abc.ABC):
     @abc.abstractmethod
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy (a subset of) the weights in place; HF checkpoint names and layouts.
+        Tensors with the same `load_group` must come in the same call.
         Caches derived from the old weights stay until reset_caches()."""
+
+    @staticmethod
+    def load_group(hf_name: str) -> str:
+        """Tensors that must arrive in one load_weights call share this key (default: none need to)."""
+        return hf_name
 
     @abc.abstractmethod
     def reset_caches(self) -> None:

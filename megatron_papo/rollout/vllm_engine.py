@@ -80,6 +80,21 @@ def _as_pil(image: Any):
     return Image.fromarray(array)
 
 
+_FUSED_MODULES = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
+                  "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
+
+
+def vllm_load_group(hf_name: str) -> str:
+    """The vLLM module an HF tensor is loaded into (q/k/v -> qkv_proj, gate/up -> gate_up_proj).
+
+    vLLM's in-place reload rebuilds a module from the tensors given IN ONE CALL: a module whose
+    tensors are split over two calls (e.g. q_proj in one bucket, k_proj in the next, or a weight
+    without its bias) is left with uninitialised parts. Weight sync keeps each group in one call."""
+    module, _, _ = hf_name.rpartition(".")
+    parent, _, leaf = module.rpartition(".")
+    return f"{parent}.{_FUSED_MODULES[leaf]}" if leaf in _FUSED_MODULES else module
+
+
 _ALIGN = 64  # bytes; every packed tensor starts at a multiple of this (dtype views need alignment)
 
 
@@ -175,6 +190,8 @@ class VLLMEngine(RolloutEngine):
         return results
 
     # ---- weights ----
+    load_group = staticmethod(vllm_load_group)
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         index, payload = _pack(weights)
         self.llm.collective_rpc("load_packed_weights", args=(index, payload))

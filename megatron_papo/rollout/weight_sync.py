@@ -8,7 +8,8 @@ Who does what (one rollout replica; the engine runs in-process on one designated
   * DP ranks > 0 hold the same weights and do nothing.
 Per stage, every TP rank walks its parameters in the same order; each tensor is all-gathered over
 the TP group (one tensor at a time), the sender converts it to HF names / layouts with
-hf_mapping and packs it into a preallocated bucket of `bucket_mb`. A full bucket is loaded into the
+hf_mapping and packs it into a preallocated bucket of `bucket_mb`, never splitting an engine
+"load group" (vLLM: the tensors of one module, e.g. q/k/v weights and biases -> qkv_proj). A full bucket is loaded into the
 engine (driver's own stage) or sent point-to-point to the driver (metadata object, then the bytes),
 which loads it. Stages are taken in order 0, 1, ...: a later stage's sender blocks on its first send
 until the driver gets to it. After the last bucket the driver resets the engine's caches.
@@ -25,7 +26,7 @@ Bytes moved per sync (P = parameters in HF layout, element size e, TP t, PP p):
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -141,7 +142,11 @@ class WeightSync:
     Call `sync` on every rank at the same point (all TP ranks of DP replica 0 take part in the
     all-gathers; the driver passes its engine, the others None)."""
 
-    def __init__(self, cfg: Qwen2_5_VLConfig, groups: SyncGroups, options: WeightSyncConfig | None = None):
+    def __init__(self, cfg: Qwen2_5_VLConfig, groups: SyncGroups, options: WeightSyncConfig | None = None,
+                 load_group: Callable[[str], str] = RolloutEngine.load_group):
+        """`load_group`: the engine class's `load_group` (e.g. `VLLMEngine.load_group`); every rank
+        needs it, not only the driver, since senders pack the buckets."""
+        self.load_group = load_group
         self.cfg = cfg
         self.groups = groups
         self.options = options or WeightSyncConfig()
@@ -177,26 +182,43 @@ class WeightSync:
             del shards
             yield from zip(rule.hf, hf_mapping.to_hf(rule, full, self.cfg))
 
-    def _buckets(self, hf_tensors, stats: SyncStats):
-        """Pack (name, tensor) pairs into buckets; yields each full bucket (then reuses it)."""
-        bucket = _Bucket(self.bucket_bytes)
+    def _groups(self, hf_tensors):
+        """Consecutive (name, tensor) pairs with the same load group, as lists."""
+        group, key = [], None
         for name, tensor in hf_tensors:
-            nbytes = tensor.numel() * tensor.element_size()
-            stats.tensors += 1
-            stats.bytes += nbytes
-            stats.names.append(name)
-            if nbytes > self.bucket_bytes:  # travels alone
+            k = self.load_group(name)
+            if group and k != key:
+                yield group
+                group = []
+            group.append((name, tensor))
+            key = k
+        if group:
+            yield group
+
+    def _buckets(self, hf_tensors, stats: SyncStats):
+        """Pack (name, tensor) pairs into buckets, never splitting a load group; yields each full
+        bucket (then reuses it). A group larger than a bucket travels alone."""
+        bucket = _Bucket(self.bucket_bytes)
+        for group in self._groups(hf_tensors):
+            sizes = [-(-t.numel() * t.element_size() // _ALIGN) * _ALIGN for _, t in group]
+            for name, tensor in group:
+                stats.tensors += 1
+                stats.bytes += tensor.numel() * tensor.element_size()
+                stats.names.append(name)
+            if sum(sizes) > self.bucket_bytes:
                 if bucket.entries:
                     yield bucket
                     bucket.clear()
-                big = _Bucket(-(-nbytes // _ALIGN) * _ALIGN)
-                big.add(name, tensor)
+                big = _Bucket(sum(sizes))
+                for name, tensor in group:
+                    big.add(name, tensor)
                 yield big
                 continue
-            if not bucket.fits(nbytes):
+            if not bucket.fits(sum(sizes)):
                 yield bucket
                 bucket.clear()
-            bucket.add(name, tensor)
+            for name, tensor in group:
+                bucket.add(name, tensor)
         if bucket.entries:
             yield bucket
 
