@@ -37,7 +37,8 @@ from megatron_papo.trainer.setup import (RunState, build_data, build_engine, bui
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, cfg: TrainConfig, with_engine: bool = True):
+        """with_engine=False builds everything but the rollout engine (benchmarks of the update)."""
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
         self.rank = dist.get_rank()
@@ -57,7 +58,7 @@ class Trainer:
         if resume_from is not None:
             self._load(resume_from)
         self.metrics = MetricsLogger(self.out, cfg.monitor, enabled=self.rank == 0, resume_step=self.state.step)
-        self.engine = build_engine(cfg, self.models, self.out) if self.rank == 0 else None
+        self.engine = build_engine(cfg, self.models, self.out) if with_engine and self.rank == 0 else None
         self.weight_sync = build_weight_sync(cfg, self.models)
 
     # ------------------------------------------------------------------ the run
@@ -189,7 +190,9 @@ class Trainer:
         """old (policy, real image), reference (ref model, real image) and masked (policy, masked
         image) per-token log-probs, without gradient, before the update."""
         algo, T = self.cfg.algo, self.cfg.rollout.temperature
-        need_mask = algo.gamma > 0 or algo.eta2 > 0 or True  # KL_prcp is always monitored (collapse alarm)
+        # the masked branch is PAPO's only extra forward; exact modes get it inside the update instead
+        need_mask = (algo.perception_mode == "reference" and algo.gamma > 0) or (
+            algo.entropy_mode == "reference" and algo.eta2 > 0)
         self.exp_logprobs(exps, self.models.policy, "old_logp", masked=False, temperature=T)
         if algo.beta > 0:
             with self.models.reference_on_device():
@@ -208,7 +211,7 @@ class Trainer:
 
         for m in model_chunks:
             m.eval()
-        outs = run_micro_batches(model_chunks, mbs, on_logits, forward_only=True, masked_images=masked)
+        outs = run_micro_batches(model_chunks, mbs, on_logits, forward_only=True, images="masked" if masked else "real")
         for m in model_chunks:
             m.train()
         if self.last_stage:
@@ -235,6 +238,8 @@ class Trainer:
         chunks = make_micro_batches(exps, cfg.micro_batch_size)
         mbs = [collate(c, pad_id=self.model_cfg.bos_token_id) for c in chunks]
         exact = algo.perception_mode == "exact" or algo.entropy_mode == "exact"
+        # exact terms of the masked branch need its full logits: [real; masked] in one forward
+        both = (algo.perception_mode == "exact" and algo.gamma > 0) or (algo.entropy_mode == "exact" and algo.eta2 > 0)
         scale = 1.0
         global_tokens = None
         if algo.loss_agg_mode == "global_token_mean":
@@ -247,7 +252,7 @@ class Trainer:
 
         def on_logits(mb, logits):
             if exact:
-                real, masked = logits.chunk(2, dim=0) if logits.shape[0] == 2 * mb.input_ids.shape[0] else (logits, None)
+                real, masked = logits.chunk(2, dim=0) if both else (logits, None)
                 loss, m = papo_loss_from_logits(
                     real, mb.targets, mb.old_logp, mb.ref_logp, mb.advantages, mb.response_mask, algo, self.tp_group,
                     masked_logits=masked, mask_logp=mb.mask_logp, temperature=cfg.rollout.temperature,
@@ -259,12 +264,11 @@ class Trainer:
                                     algo, global_token_count=global_tokens)
             return loss * scale, {k: float(v) for k, v in m.items()}
 
-        if exact:  # the masked branch rides in the same forward: batch = [real; masked]
-            mbs = [_with_masked_copy(mb) for mb in mbs]
         for chunk in self.models.policy:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
-        outs = run_micro_batches(self.models.policy, mbs, on_logits, forward_only=False)
+        outs = run_micro_batches(self.models.policy, mbs, on_logits, forward_only=False,
+                                 images="both" if both else "real")
         ok, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=1)
         metrics = _mean_dicts(outs)
@@ -330,31 +334,6 @@ class Trainer:
         train_state = ckpt.load_checkpoint(path, self.models.checkpoint_modules(), self.optimizer, self.scheduler)
         self.data.load_state_dict(train_state.pop("data"))
         self.state = RunState(**{k: v for k, v in train_state.items() if k in RunState.__dataclass_fields__})
-
-
-def _with_masked_copy(mb):
-    """[real; masked] in one micro-batch: the same tokens twice, the masked images second."""
-    cat = lambda a, b: None if a is None else torch.cat([a, b])  # noqa: E731
-    out = dataclasses.replace(
-        mb, input_ids=cat(mb.input_ids, mb.input_ids), attention_mask=cat(mb.attention_mask, mb.attention_mask),
-        pixel_values=cat(mb.pixel_values, mb.masked_pixel_values),
-        masked_pixel_values=cat(mb.pixel_values, mb.masked_pixel_values),
-        image_grid_thw=cat(mb.image_grid_thw, mb.image_grid_thw), position_ids=None)
-    out.extra = {"real_batch": mb.input_ids.shape[0]}
-    return _RealView(out, mb)
-
-
-class _RealView:
-    """A doubled micro-batch for the model whose loss-side tensors are the real half's."""
-
-    def __init__(self, doubled, real):
-        self._doubled, self._real = doubled, real
-
-    def __getattr__(self, name):
-        if name in ("input_ids", "attention_mask", "pixel_values", "masked_pixel_values", "image_grid_thw",
-                    "position_ids", "to"):
-            return getattr(self._doubled, name)
-        return getattr(self._real, name)
 
 
 @contextmanager

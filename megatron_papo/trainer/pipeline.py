@@ -29,11 +29,30 @@ def add_position_ids(mb: MicroBatch, model_cfg) -> MicroBatch:
     return mb
 
 
+IMAGE_BRANCHES = ("real", "masked", "both")
+
+
+def model_inputs(mb: MicroBatch, images: str) -> tuple:
+    """(input_ids, position_ids, pixel_values, image_grid_thw) for one branch of the micro-batch:
+    the real images, the masked ones, or "both" = the batch twice, [real; masked] (the exact PAPO
+    modes need both branches' full logits in one forward; logits then come as [2B, S, V/TP])."""
+    has_images = mb.image_grid_thw.numel() > 0
+    if images == "both":
+        ids, pos = torch.cat([mb.input_ids, mb.input_ids]), torch.cat([mb.position_ids, mb.position_ids], dim=1)
+        pixels = torch.cat([mb.pixel_values, mb.masked_pixel_values]) if has_images else None
+        grid = torch.cat([mb.image_grid_thw, mb.image_grid_thw]) if has_images else None
+        return ids, pos, pixels, grid
+    pixels = mb.masked_pixel_values if images == "masked" else mb.pixel_values
+    return mb.input_ids, mb.position_ids, pixels if has_images else None, mb.image_grid_thw if has_images else None
+
+
 def run_micro_batches(model_chunks: list[torch.nn.Module], micro_batches: list[MicroBatch],
                       on_logits: Callable[[MicroBatch, torch.Tensor], tuple[torch.Tensor, dict]], *,
-                      forward_only: bool, masked_images: bool = False) -> list[dict]:
-    """Run every micro-batch through the pipeline (see the module doc). `masked_images` feeds the
-    masked pixel_values instead of the real ones (the PAPO masked branch)."""
+                      forward_only: bool, images: str = "real") -> list[dict]:
+    """Run every micro-batch through the pipeline (see the module doc); `images` picks the branch
+    (see model_inputs)."""
+    if images not in IMAGE_BRANCHES:
+        raise ValueError(f"images must be one of {IMAGE_BRANCHES}, got {images!r}")
     if not micro_batches:
         return []
     model_cfg = _unwrap(model_chunks[0]).hf_config
@@ -48,12 +67,9 @@ def run_micro_batches(model_chunks: list[torch.nn.Module], micro_batches: list[M
 
     def forward_step(data_iterator, model):
         mb = next(data_iterator)
-        pixels = mb.masked_pixel_values if masked_images else mb.pixel_values
-        has_images = mb.image_grid_thw.numel() > 0
+        ids, pos, pixels, grid = model_inputs(mb, images)
         # right padding + causal attention: real tokens never attend to padding, so no mask is needed
-        logits = model(mb.input_ids, mb.position_ids, None, pixels if has_images else None,
-                       mb.image_grid_thw if has_images else None)
-        return logits, partial(loss_func, mb)
+        return model(ids, pos, None, pixels, grid), partial(loss_func, mb)
 
     config = _unwrap(model_chunks[0]).config
     config.variable_seq_lengths = True  # micro-batches differ in length; stages exchange shapes first
