@@ -3,20 +3,22 @@
 Every vLLM-specific call of the project is in this file. CPU and GPU take the same code path; the
 device-specific options are chosen in one place, `_device_options`.
 
-Weight updates: the (HF name, full tensor) pairs are packed into one byte payload with a small
-index and handed to every vLLM worker through `collective_rpc` and a worker extension
-(`WorkerWeightLoader`, installed with vLLM's `worker_extension_cls`), which rebuilds the tensors
-and runs the worker's `reload_weights` (vLLM's in-place reload: each parameter's own weight_loader,
-so HF names and full tensors are accepted and vLLM shards them for its TP rank). Bytes rather than
-tensors because the payload may cross two process boundaries (engine core, then worker) and vLLM's
-second hop pickles, which its zero-copy tensors do not survive. Afterwards the prefix (KV) cache and the vision encoder cache must be reset, or
+Weight updates: the (HF name, full tensor) pairs are packed into one shared-memory file
+(/dev/shm) and only a small index and the file name travel through `collective_rpc` to a worker
+extension (`WorkerWeightLoader`, installed with vLLM's `worker_extension_cls`). Each worker maps the
+file (no copy), rebuilds the tensors as views and runs its `reload_weights` (vLLM's in-place
+reload: each parameter's own weight_loader, so HF names and full tensors are accepted and vLLM
+shards them for its TP rank). Why a file: the engine core and its worker may be child processes
+(always when a training rank hosts vLLM), and tensors sent through the RPC are copied at each hop
+(the second hop pickles, which vLLM's zero-copy tensors do not even survive). The workers must
+share the host with the caller (vLLM TP within one node: the colocated setup). Afterwards the prefix (KV) cache and the vision encoder cache must be reset, or
 requests that share a prefix / an image with an earlier one reuse values computed with the old
 weights.
 """
 from __future__ import annotations
 
 import os
-import warnings
+import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -98,31 +100,34 @@ def vllm_load_group(hf_name: str) -> str:
 _ALIGN = 64  # bytes; every packed tensor starts at a multiple of this (dtype views need alignment)
 
 
-def _pack(weights: Iterable[tuple[str, torch.Tensor]]) -> tuple[list, bytearray]:
-    """(name, tensor) pairs -> (index of [name, dtype, shape, offset, nbytes], one byte payload)."""
+def _shared_dir() -> str:
+    return "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+
+
+def _pack(weights: Iterable[tuple[str, torch.Tensor]], path: str) -> list:
+    """Write (name, tensor) pairs into the file `path` (one copy); returns the index
+    [name, dtype, shape, offset, nbytes] that `WorkerWeightLoader` reads them back with."""
     items = [(name, tensor.detach().contiguous()) for name, tensor in weights]
     index, offset = [], 0
     for name, tensor in items:
         nbytes = tensor.numel() * tensor.element_size()
         index.append([name, str(tensor.dtype).removeprefix("torch."), list(tensor.shape), offset, nbytes])
         offset += -(-nbytes // _ALIGN) * _ALIGN
-    payload = bytearray(offset)
     if offset:
-        flat = torch.frombuffer(payload, dtype=torch.uint8)
+        flat = torch.from_file(path, shared=True, size=offset, dtype=torch.uint8)
         for (_, _, _, start, nbytes), (_, tensor) in zip(index, items):
             flat[start:start + nbytes].copy_(tensor.reshape(-1).view(torch.uint8))
-    return index, payload
+    return index
 
 
 class WorkerWeightLoader:
     """Mixed into vLLM's worker class (`worker_extension_cls`): runs inside each vLLM worker."""
 
-    def load_packed_weights(self, index: list, payload: bytes) -> None:
-        if not payload:
+    def load_packed_weights(self, index: list, path: str) -> None:
+        if not index:
             return
-        with warnings.catch_warnings():  # the payload is read-only; the tensors are only read
-            warnings.simplefilter("ignore", UserWarning)
-            flat = torch.frombuffer(payload, dtype=torch.uint8)
+        size = index[-1][3] + index[-1][4]
+        flat = torch.from_file(path, shared=False, size=size, dtype=torch.uint8)  # mapped, copy-on-write
         weights = [(name, flat[start:start + nbytes].view(getattr(torch, dtype)).view(shape))
                    for name, dtype, shape, start, nbytes in index]
         self.reload_weights(weights_iterator=weights)
@@ -193,8 +198,13 @@ class VLLMEngine(RolloutEngine):
     load_group = staticmethod(vllm_load_group)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        index, payload = _pack(weights)
-        self.llm.collective_rpc("load_packed_weights", args=(index, payload))
+        fd, path = tempfile.mkstemp(prefix="megatron_papo_weights_", dir=_shared_dir())
+        os.close(fd)
+        try:
+            index = _pack(weights, path)
+            self.llm.collective_rpc("load_packed_weights", args=(index, path))
+        finally:
+            os.unlink(path)
 
     def load_weights_from_folder(self, path: str) -> None:
         """Reload every weight from an HF safetensors folder (the disk route; benchmarks compare

@@ -93,6 +93,7 @@ class SyncStats:
     bytes: int = 0                # their bytes
     buckets: int = 0
     gathered_bytes: int = 0       # bytes this rank received in TP all-gathers
+    engine_seconds: float = 0.0   # driver: time spent inside engine.load_weights
     seconds: float = 0.0
     names: list[str] = field(default_factory=list)
 
@@ -238,8 +239,7 @@ class WeightSync:
                 pass
         elif g.is_driver:
             for bucket in buckets:
-                engine.load_weights(bucket.tensors())
-                stats.buckets += 1
+                self._load(engine, bucket, stats)
             for sender in g.stage_senders[1:]:
                 self._receive_from(sender, engine, stats)
             engine.reset_caches()
@@ -255,6 +255,13 @@ class WeightSync:
         stats.seconds = time.perf_counter() - start
         return stats
 
+    @staticmethod
+    def _load(engine: RolloutEngine, bucket: _Bucket, stats: SyncStats) -> None:
+        start = time.perf_counter()
+        engine.load_weights(bucket.tensors())
+        stats.engine_seconds += time.perf_counter() - start
+        stats.buckets += 1
+
     def _receive_from(self, sender: int, engine: RolloutEngine, stats: SyncStats) -> None:
         bucket = _Bucket(self.bucket_bytes)
         while True:
@@ -269,8 +276,7 @@ class WeightSync:
                 bucket.buffer = torch.empty(bucket.capacity, dtype=torch.uint8)
             dist.recv(bucket.buffer[:used], src=sender)
             bucket.entries, bucket.used = entries, used
-            engine.load_weights(bucket.tensors())
-            stats.buckets += 1
+            self._load(engine, bucket, stats)
             for name, dtype, shape, _ in entries:
                 numel = 1
                 for s in shape:
