@@ -5,7 +5,7 @@ from megatron_papo.trainer.metrics import MetricsLogger, MonitorConfig, format_l
 
 
 def _rows(kl, ent, ent_m):
-    return [{"step": i + 1, "kl_prcp": a, "entropy": b, "entropy_masked": c} for i, (a, b, c) in enumerate(zip(kl, ent, ent_m))]
+    return [{"step": i + 1, "kl_prcp": a, "entropy": b, "masked_entropy": c} for i, (a, b, c) in enumerate(zip(kl, ent, ent_m))]
 
 
 def test_alarm_fires_only_on_the_collapse_signature():
@@ -26,7 +26,7 @@ def test_logger_writes_jsonl_plots_and_truncates_on_resume(tmp_path, capsys):
     log = MetricsLogger(tmp_path, cfg)
     for step in range(1, 6):
         log.log(step, {"reward": 0.1 * step, "accuracy": 0.05 * step, "kl_prcp": 0.01, "entropy": 1.0,
-                       "entropy_masked": 1.1}, {"rollout": 1.5, "train": 2.0})
+                       "masked_entropy": 1.1}, {"rollout": 1.5, "train": 2.0})
     files = log.close()
     assert [f.name for f in files] == ["curves.png"] and files[0].stat().st_size > 1000
     rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]

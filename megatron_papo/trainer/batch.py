@@ -47,10 +47,12 @@ class MicroBatch:
     masked_pixel_values: torch.Tensor
     image_grid_thw: torch.Tensor   # [num_images, 3]
     advantages: torch.Tensor       # [B, S] float, the sequence advantage on response positions
+    prompt_lengths: torch.Tensor   # [B] long: tokens before the response (for the rope positions)
     old_logp: torch.Tensor | None = None   # [B, S], zeros off the response
     ref_logp: torch.Tensor | None = None
     mask_logp: torch.Tensor | None = None
     position_ids: torch.Tensor | None = None  # [3, B, S] mrope positions (set by the model side)
+    image_token_id: int = -1                  # the model's image-pad id (set by the model side)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -101,6 +103,7 @@ def collate(exps: list[Experience], pad_id: int, pad_to_multiple: int = 1) -> Mi
         masked_pixel_values=torch.cat([e.masked_pixel_values for e in exps]),
         image_grid_thw=torch.cat([e.image_grid_thw for e in exps]).long(),
         advantages=advantages,
+        prompt_lengths=torch.tensor([len(e.prompt_ids) for e in exps], dtype=torch.long),
         old_logp=_per_token(exps, "old_logp", shape),
         ref_logp=_per_token(exps, "ref_logp", shape),
         mask_logp=_per_token(exps, "mask_logp", shape),

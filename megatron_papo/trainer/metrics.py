@@ -15,11 +15,11 @@ from typing import Any
 # Keys shown on the one-line summary, in this order, with their short names.
 CONSOLE_KEYS = [
     ("reward", "reward"), ("accuracy", "acc"), ("kl_prcp", "kl_prcp"), ("entropy", "ent"),
-    ("entropy_masked", "ent_mask"), ("clip_frac_low", "clip_lo"), ("clip_frac_high", "clip_hi"),
+    ("masked_entropy", "ent_mask"), ("clipfrac_low", "clip_lo"), ("clipfrac_high", "clip_hi"),
     ("ref_kl", "ref_kl"), ("grad_norm", "gnorm"), ("response_len", "len"), ("tokens_per_s", "tok/s"),
 ]
 # Curves plotted at the end of a run (one panel each, when present).
-PLOT_KEYS = ["reward", "accuracy", "kl_prcp", "entropy", "entropy_masked", "ref_kl", "clip_frac_high", "grad_norm"]
+PLOT_KEYS = ["reward", "accuracy", "kl_prcp", "entropy", "masked_entropy", "ref_kl", "clipfrac_high", "grad_norm"]
 
 
 @dataclass
@@ -37,16 +37,16 @@ def loss_hacking_alarm(history: list[dict[str, float]], cfg: MonitorConfig) -> s
     and the masked policy rise. Compares the last `alarm_window` steps with the steps before them.
     Returns a human-readable reason, or None."""
     w = cfg.alarm_window
-    rows = [h for h in history if all(k in h for k in ("kl_prcp", "entropy", "entropy_masked"))]
+    rows = [h for h in history if all(k in h for k in ("kl_prcp", "entropy", "masked_entropy"))]
     if len(rows) < 2 * w:
         return None
     base, recent = rows[:-w], rows[-w:]
     mean = lambda rs, k: sum(r[k] for r in rs) / len(rs)  # noqa: E731
     kl_base, kl_now = mean(base, "kl_prcp"), mean(recent, "kl_prcp")
-    rises = {k: (mean(recent, k) - mean(base, k)) / max(abs(mean(base, k)), 1e-8) for k in ("entropy", "entropy_masked")}
+    rises = {k: (mean(recent, k) - mean(base, k)) / max(abs(mean(base, k)), 1e-8) for k in ("entropy", "masked_entropy")}
     if kl_now > cfg.alarm_kl_factor * max(kl_base, 1e-8) and all(r >= cfg.alarm_entropy_rise for r in rises.values()):
         return (f"possible loss hacking: KL_prcp {kl_base:.4g} -> {kl_now:.4g} (x{kl_now / max(kl_base, 1e-8):.1f}) "
-                f"while entropy rose {rises['entropy']:+.0%} and masked entropy {rises['entropy_masked']:+.0%} "
+                f"while entropy rose {rises['entropy']:+.0%} and masked entropy {rises['masked_entropy']:+.0%} "
                 f"(last {cfg.alarm_window} steps vs before); consider lowering gamma or raising eta")
     return None
 

@@ -21,11 +21,18 @@ from megatron_papo.trainer.batch import MicroBatch
 
 
 def add_position_ids(mb: MicroBatch, model_cfg) -> MicroBatch:
-    """mrope positions [3, B, S] for the micro-batch (the same on every rank: pure function of ids)."""
+    """mrope positions [3, B, S] (the same on every rank: a pure function of the ids). Images count
+    in the prompt only: generated tokens continue as text from the prompt's largest position, as in
+    vLLM's and transformers' decoding, even if the model emitted an image-pad id."""
     if mb.position_ids is None:
         grid = mb.image_grid_thw if mb.image_grid_thw.numel() else None
-        mb.position_ids, _ = mrope_position_ids(mb.input_ids, grid, model_cfg.image_token_id,
-                                                model_cfg.vision.spatial_merge_size, mb.attention_mask)
+        steps = torch.arange(mb.input_ids.shape[1])
+        in_prompt = steps[None, :] < mb.prompt_lengths[:, None]
+        positions, deltas = mrope_position_ids(mb.input_ids, grid, model_cfg.image_token_id,
+                                               model_cfg.vision.spatial_merge_size, in_prompt)
+        generated = (steps[None, :] + deltas).expand(3, -1, -1)
+        mb.position_ids = torch.where(in_prompt, positions, generated)
+    mb.image_token_id = model_cfg.image_token_id
     return mb
 
 
@@ -33,17 +40,20 @@ IMAGE_BRANCHES = ("real", "masked", "both")
 
 
 def model_inputs(mb: MicroBatch, images: str) -> tuple:
-    """(input_ids, position_ids, pixel_values, image_grid_thw) for one branch of the micro-batch:
+    """(input_ids, position_ids, pixel_values, image_grid_thw, image_mask) for one branch of the micro-batch:
     the real images, the masked ones, or "both" = the batch twice, [real; masked] (the exact PAPO
     modes need both branches' full logits in one forward; logits then come as [2B, S, V/TP])."""
     has_images = mb.image_grid_thw.numel() > 0
+    in_prompt = torch.arange(mb.input_ids.shape[1], device=mb.input_ids.device)[None, :] < mb.prompt_lengths[:, None]
+    image_mask = (mb.input_ids == mb.image_token_id) & in_prompt  # generated image-pad ids stay tokens
     if images == "both":
         ids, pos = torch.cat([mb.input_ids, mb.input_ids]), torch.cat([mb.position_ids, mb.position_ids], dim=1)
         pixels = torch.cat([mb.pixel_values, mb.masked_pixel_values]) if has_images else None
         grid = torch.cat([mb.image_grid_thw, mb.image_grid_thw]) if has_images else None
-        return ids, pos, pixels, grid
+        return ids, pos, pixels, grid, torch.cat([image_mask, image_mask])
     pixels = mb.masked_pixel_values if images == "masked" else mb.pixel_values
-    return mb.input_ids, mb.position_ids, pixels if has_images else None, mb.image_grid_thw if has_images else None
+    return (mb.input_ids, mb.position_ids, pixels if has_images else None, mb.image_grid_thw if has_images else None,
+            image_mask)
 
 
 def run_micro_batches(model_chunks: list[torch.nn.Module], micro_batches: list[MicroBatch],
@@ -67,9 +77,9 @@ def run_micro_batches(model_chunks: list[torch.nn.Module], micro_batches: list[M
 
     def forward_step(data_iterator, model):
         mb = next(data_iterator)
-        ids, pos, pixels, grid = model_inputs(mb, images)
+        ids, pos, pixels, grid, image_mask = model_inputs(mb, images)
         # right padding + causal attention: real tokens never attend to padding, so no mask is needed
-        return model(ids, pos, None, pixels, grid), partial(loss_func, mb)
+        return model(ids, pos, None, pixels, grid, image_mask), partial(loss_func, mb)
 
     config = _unwrap(model_chunks[0]).config
     config.variable_seq_lengths = True  # micro-batches differ in length; stages exchange shapes first

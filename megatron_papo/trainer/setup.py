@@ -223,11 +223,13 @@ def build_engine(cfg: TrainConfig, models: Models, out: Path):
 
 
 def build_weight_sync(cfg: TrainConfig, models: Models):
+    from megatron_papo.rollout.vllm_engine import VLLMEngine
     from megatron_papo.rollout.weight_sync import SyncGroups, WeightSync, WeightSyncConfig
 
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[cfg.rollout.engine_dtype]
     return WeightSync(models.model_cfg, SyncGroups.from_parallel_state(), WeightSyncConfig(
-        bucket_mb=cfg.rollout.bucket_mb, freeze_vision=cfg.model.freeze_vision, transfer_dtype=dtype))
+        bucket_mb=cfg.rollout.bucket_mb, freeze_vision=cfg.model.freeze_vision, transfer_dtype=dtype),
+        load_group=VLLMEngine.load_group)
 
 
 def sync_weights(models: Models, engine, weight_sync) -> None:

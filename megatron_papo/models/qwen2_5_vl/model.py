@@ -133,14 +133,16 @@ class Qwen2_5_VLModel(MegatronModule):
         self.language_model.set_input_tensor(input_tensor)
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
-              image_grid_thw: torch.Tensor | None) -> torch.Tensor:
-        """Token embeddings with image embeddings at image-pad positions -> [S(/TP with SP), B, H]."""
+              image_grid_thw: torch.Tensor | None, image_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings with image embeddings at image-pad positions -> [S(/TP with SP), B, H].
+        `image_mask` [B, S] (default: input_ids == image_token_id) says which positions take them:
+        a generated image-pad id is an ordinary token, as in vLLM and transformers' decoding."""
         embeddings = self.language_model.embedding.word_embeddings(input_ids)  # [B, S, H]
         if pixel_values is not None:
             if self.vision_model is None:
                 raise ValueError("pixel_values given but this model was built with with_vision=False")
             image_embeds = self.vision_model(pixel_values, image_grid_thw)
-            is_image = (input_ids == self.hf_config.image_token_id).unsqueeze(-1)
+            is_image = (input_ids == self.hf_config.image_token_id if image_mask is None else image_mask).unsqueeze(-1)
             if int(is_image.sum()) != image_embeds.shape[0]:
                 raise ValueError(f"input_ids hold {int(is_image.sum())} image tokens (id "
                                  f"{self.hf_config.image_token_id}) but the images give {image_embeds.shape[0]}")
@@ -151,8 +153,9 @@ class Qwen2_5_VLModel(MegatronModule):
         return embeddings
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                pixel_values: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None) -> torch.Tensor:
-        decoder_input = self.embed(input_ids, pixel_values, image_grid_thw) if self.pre_process else None
+                pixel_values: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None,
+                image_mask: torch.Tensor | None = None) -> torch.Tensor:
+        decoder_input = self.embed(input_ids, pixel_values, image_grid_thw, image_mask) if self.pre_process else None
         return self.language_model(input_ids=None, position_ids=position_ids, attention_mask=attention_mask,
                                    decoder_input=decoder_input)
 
