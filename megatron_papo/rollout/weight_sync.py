@@ -8,15 +8,18 @@ Who does what (one rollout replica; the engine runs in-process on one designated
   * DP ranks > 0 hold the same weights and do nothing.
 Per stage, every TP rank walks its parameters in the same order; each tensor is all-gathered over
 the TP group (one tensor at a time), the sender converts it to HF names / layouts with
-hf_mapping and packs it into a preallocated bucket of `bucket_mb`, never splitting an engine
-"load group" (vLLM: the tensors of one module, e.g. q/k/v weights and biases -> qkv_proj). A full bucket is loaded into the
-engine (driver's own stage) or sent point-to-point to the driver (metadata object, then the bytes),
-which loads it. Stages are taken in order 0, 1, ...: a later stage's sender blocks on its first send
-until the driver gets to it. After the last bucket the driver resets the engine's caches.
+hf_mapping and collects tensors into batches of at most `bucket_mb`, never splitting an engine
+"load group" (vLLM: the tensors of one module, e.g. q/k/v weights and biases -> qkv_proj). The
+driver hands its own stage's batches straight to the engine; a later stage's sender packs each
+batch into a preallocated byte bucket and sends it point-to-point to the driver (metadata object,
+then the bytes), which loads it. Stages are taken in order 0, 1, ...: a later stage's sender
+blocks on its first send until the driver gets to it. At the end the driver resets the engine's
+caches.
 
-Peak extra memory: one bucket on the driver and on each sender, plus one gathered tensor (its TP
-shards and full copy) on the stage's ranks; a tensor larger than a bucket travels alone in a
-buffer of its own size.
+Peak extra memory: one batch plus one bucket on the driver (the engine adapter packs a batch into
+its own transfer buffer: vllm_engine uses a /dev/shm file) and on each sender, plus one gathered
+tensor (its TP shards and full copy) on the stage's ranks; a load group larger than a bucket
+travels alone in a buffer of its own size.
 
 Bytes moved per sync (P = parameters in HF layout, element size e, TP t, PP p):
   all-gather: each TP rank receives (t-1)/t of its stage's tensors; sender -> driver: P_s * e for
@@ -98,6 +101,10 @@ class SyncStats:
     names: list[str] = field(default_factory=list)
 
 
+def _padded_nbytes(tensor: torch.Tensor) -> int:
+    return -(-tensor.numel() * tensor.element_size() // _ALIGN) * _ALIGN
+
+
 class _Bucket:
     """A preallocated byte buffer holding (name, dtype, shape, offset) entries."""
 
@@ -107,16 +114,13 @@ class _Bucket:
         self.entries: list[tuple[str, torch.dtype, tuple[int, ...], int]] = []
         self.used = 0
 
-    def fits(self, nbytes: int) -> bool:
-        return self.used + nbytes <= self.capacity
-
     def add(self, name: str, tensor: torch.Tensor) -> None:
         if self.buffer is None:
             self.buffer = torch.empty(self.capacity, dtype=torch.uint8)
         nbytes = tensor.numel() * tensor.element_size()
         self.buffer[self.used:self.used + nbytes].view(tensor.dtype).copy_(tensor.reshape(-1))
         self.entries.append((name, tensor.dtype, tuple(tensor.shape), self.used))
-        self.used += -(-nbytes // _ALIGN) * _ALIGN
+        self.used += _padded_nbytes(tensor)
 
     def tensors(self) -> list[tuple[str, torch.Tensor]]:
         out = []
@@ -196,32 +200,23 @@ class WeightSync:
         if group:
             yield group
 
-    def _buckets(self, hf_tensors, stats: SyncStats):
-        """Pack (name, tensor) pairs into buckets, never splitting a load group; yields each full
-        bucket (then reuses it). A group larger than a bucket travels alone."""
-        bucket = _Bucket(self.bucket_bytes)
+    def _batches(self, hf_tensors, stats: SyncStats):
+        """Lists of (name, tensor) of at most one bucket's bytes, never splitting a load group
+        (a group larger than a bucket is a batch of its own)."""
+        batch, used = [], 0
         for group in self._groups(hf_tensors):
-            sizes = [-(-t.numel() * t.element_size() // _ALIGN) * _ALIGN for _, t in group]
+            size = sum(_padded_nbytes(t) for _, t in group)
             for name, tensor in group:
                 stats.tensors += 1
                 stats.bytes += tensor.numel() * tensor.element_size()
                 stats.names.append(name)
-            if sum(sizes) > self.bucket_bytes:
-                if bucket.entries:
-                    yield bucket
-                    bucket.clear()
-                big = _Bucket(sum(sizes))
-                for name, tensor in group:
-                    big.add(name, tensor)
-                yield big
-                continue
-            if not bucket.fits(sum(sizes)):
-                yield bucket
-                bucket.clear()
-            for name, tensor in group:
-                bucket.add(name, tensor)
-        if bucket.entries:
-            yield bucket
+            if batch and used + size > self.bucket_bytes:
+                yield batch
+                batch, used = [], 0
+            batch += group
+            used += size
+        if batch:
+            yield batch
 
     def sync(self, params: Iterable[tuple[str, torch.Tensor, Rule]], engine: RolloutEngine | None) -> SyncStats:
         """Push this stage's parameters (local name, tensor, hf_mapping rule; e.g. checkpoint_io's
@@ -233,22 +228,32 @@ class WeightSync:
             return stats
         if g.is_driver and engine is None:
             raise ValueError("the driver rank (pipeline stage 0, TP rank 0, DP rank 0) must pass the engine")
-        buckets = self._buckets(self._hf_tensors(params, stats), stats)
+        batches = self._batches(self._hf_tensors(params, stats), stats)
         if not g.is_sender:
-            for _ in buckets:  # drives the all-gathers; nothing is yielded on non-senders
+            for _ in batches:  # drives the all-gathers; nothing is yielded on non-senders
                 pass
         elif g.is_driver:
-            for bucket in buckets:
-                self._load(engine, bucket, stats)
+            for batch in batches:  # the driver's own stage: straight to the engine, no packing
+                self._load(engine, batch, stats)
             for sender in g.stage_senders[1:]:
                 self._receive_from(sender, engine, stats)
             engine.reset_caches()
         else:
             driver = g.stage_senders[0]
-            for bucket in buckets:
+            bucket = _Bucket(self.bucket_bytes)
+            for batch in batches:
+                size = sum(_padded_nbytes(t) for _, t in batch)
+                if size > bucket.capacity:  # one oversized group
+                    bucket = _Bucket(size)
+                bucket.clear()
+                for name, tensor in batch:
+                    bucket.add(name, tensor)
+                del batch
                 dist.send_object_list([(bucket.entries, bucket.used)], dst=driver)
                 dist.send(bucket.buffer[:bucket.used], dst=driver)
                 stats.buckets += 1
+                if bucket.capacity > self.bucket_bytes:
+                    bucket = _Bucket(self.bucket_bytes)
             dist.send_object_list([None], dst=driver)  # end of this stage
         if self.options.freeze_vision:
             self._vision_sent = True
@@ -256,9 +261,9 @@ class WeightSync:
         return stats
 
     @staticmethod
-    def _load(engine: RolloutEngine, bucket: _Bucket, stats: SyncStats) -> None:
+    def _load(engine: RolloutEngine, tensors: list[tuple[str, torch.Tensor]], stats: SyncStats) -> None:
         start = time.perf_counter()
-        engine.load_weights(bucket.tensors())
+        engine.load_weights(tensors)
         stats.engine_seconds += time.perf_counter() - start
         stats.buckets += 1
 
@@ -276,7 +281,7 @@ class WeightSync:
                 bucket.buffer = torch.empty(bucket.capacity, dtype=torch.uint8)
             dist.recv(bucket.buffer[:used], src=sender)
             bucket.entries, bucket.used = entries, used
-            self._load(engine, bucket, stats)
+            self._load(engine, bucket.tensors(), stats)
             for name, dtype, shape, _ in entries:
                 numel = 1
                 for s in shape:
