@@ -55,17 +55,16 @@ def _on_cpu() -> bool:
 
 def _device_options(cfg: VLLMEngineConfig) -> dict[str, Any]:
     """The only place where CPU and GPU differ: environment and `vllm.LLM` keyword arguments."""
+    # A training rank already belongs to a torch.distributed world, which vLLM's worker would adopt
+    # as its own (then wait for every rank in its group set-up): there the engine core and worker
+    # run in child processes (spawned on CPU: the launching script needs an
+    # `if __name__ == "__main__"` guard). Elsewhere (tests, tools) they run in this process.
+    in_training_world = torch.distributed.is_available() and torch.distributed.is_initialized()
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if in_training_world else "0"
     if _on_cpu():
         if cfg.tensor_parallel_size != 1:
-            raise ValueError("the CPU vLLM build is run in-process with tensor_parallel_size=1")
-        # Read by vLLM when the engine starts.
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.cpu_kv_cache_space_gib))
-        # Engine core in this process (start-up in seconds), unless this process already belongs to
-        # a torch.distributed world (a training rank): vLLM's worker would adopt that world as its
-        # own and wait for every rank in its group set-up. Then the engine core runs in a child
-        # process (vLLM spawns it on CPU: the launching script needs an `if __name__ == "__main__"` guard).
-        in_training_world = torch.distributed.is_available() and torch.distributed.is_initialized()
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if in_training_world else "0"
+            raise ValueError("the CPU vLLM build is run with tensor_parallel_size=1")
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.cpu_kv_cache_space_gib))  # GiB
         return {"enforce_eager": True}  # no graph capture: start-up in seconds
     return {"gpu_memory_utilization": cfg.gpu_memory_utilization,
             "enable_sleep_mode": cfg.enable_sleep_mode}
