@@ -21,20 +21,14 @@ def hf_folder_for(ckpt: Path, workdir: Path) -> Path:
     """An HF folder vLLM can load: `ckpt` itself, or a conversion of the Megatron checkpoint."""
     if any(ckpt.glob("*.safetensors")):
         return ckpt
-    import torch.distributed as dist
-
     from megatron_papo.models.qwen2_5_vl.checkpoint_io import iter_dist_checkpoint_as_hf, read_hf_config, write_hf_folder
 
-    if not dist.is_initialized():  # reading a dist checkpoint needs a (one-rank) process group
-        from megatron_papo.parallel.distributed import _free_port
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
     cfg = read_hf_config(ckpt)
     out = workdir / "hf"
     write_hf_folder(out, cfg, iter_dist_checkpoint_as_hf(ckpt, cfg, show_progress=True))
     for name in ckpt.iterdir():  # tokenizer and processor files travel along
         if name.suffix in (".json", ".jinja", ".txt", ".model") and not (out / name.name).exists():
             (out / name.name).write_bytes(name.read_bytes())
-    dist.destroy_process_group()
     return out
 
 

@@ -74,12 +74,8 @@ def _metrics(out: Path) -> list[dict]:
 
 def _weights(step_dir: Path) -> dict[str, torch.Tensor]:
     """The policy's weights in a checkpoint, as full HF tensors (reads any TP/PP layout)."""
-    import torch.distributed as dist
-
     from megatron_papo.models.qwen2_5_vl.checkpoint_io import iter_dist_checkpoint_as_hf, read_hf_config
 
-    if not dist.is_initialized():
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     return dict(iter_dist_checkpoint_as_hf(step_dir, read_hf_config(step_dir)))
 
 

@@ -299,7 +299,7 @@ class Trainer:
                 logp = vocab_parallel_logprob(logits, mb.targets, self.tp_group, 1.0, self.model_cfg.vocab_size)
                 m = mb.response_mask
                 loss = -(logp * m).sum() / m.sum().clamp(min=1)
-                return loss, {"sft_loss": float(loss)}
+                return loss, {"sft_loss": float(loss.detach())}
 
             for chunk in self.models.policy:
                 chunk.zero_grad_buffer()
@@ -314,9 +314,10 @@ class Trainer:
     # ------------------------------------------------------------------ helpers
     def _from_last_stage(self, metrics: dict) -> dict:
         """Mean of the last stage's metrics over DP replicas, on every rank (same keys everywhere)."""
-        keys = sorted(self.models.metric_keys | set(metrics))
-        self.models.metric_keys |= set(keys)
         contributes = self.last_stage and parallel_state.get_tensor_model_parallel_rank() == 0
+        key_sets = [None] * dist.get_world_size()
+        dist.all_gather_object(key_sets, sorted(metrics) if contributes else [])
+        keys = sorted(set().union(*key_sets))
         values = torch.tensor([metrics.get(k, 0.0) if contributes else 0.0 for k in keys] + [float(contributes)],
                               dtype=torch.float64)
         dist.all_reduce(values)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -35,7 +35,6 @@ class Models:
     policy: list                      # DDP-wrapped pipeline stage (a list: megatron's model-chunk API)
     reference: torch.nn.Module | None  # frozen copy for the KL to the reference policy (None when beta = 0)
     offload_reference: bool = False
-    metric_keys: set = field(default_factory=set)
 
     def sampling(self, cfg: TrainConfig) -> SamplingConfig:
         r = cfg.rollout
@@ -62,16 +61,10 @@ class Models:
     def write_model_files(self, folder: Path) -> None:
         """config.json, the layout file, tokenizer and image-processor config: what makes a
         checkpoint (or the engine's folder) readable by tools/ and the eval without the run's config."""
-        from megatron_papo.models.qwen2_5_vl.checkpoint_io import HF_CONFIG, LAYOUT_FILE
+        from megatron_papo.models.qwen2_5_vl.checkpoint_io import write_checkpoint_metadata
 
         folder.mkdir(parents=True, exist_ok=True)
-        model = self.policy[0].module
-        hf = self.model_cfg.to_hf_dict()
-        hf["torch_dtype"] = hf["dtype"] = str(model.opts.params_dtype).removeprefix("torch.")
-        (folder / HF_CONFIG).write_text(json.dumps(hf, indent=2))
-        (folder / LAYOUT_FILE).write_text(json.dumps({"tp": model.opts.tp, "pp": model.opts.pp,
-                                                      "padded_vocab_size": model.padded_vocab_size,
-                                                      "dtype": hf["dtype"]}))
+        write_checkpoint_metadata(self.policy[0].module, folder)
         self.processor.tokenizer.save_pretrained(folder)
         self.processor.image_processor.save_pretrained(folder)
 

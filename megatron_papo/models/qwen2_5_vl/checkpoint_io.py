@@ -179,13 +179,21 @@ def save_dist_checkpoint(model, ckpt_dir: str | Path, hf_config: dict | None = N
     dist_checkpointing.save(model.sharded_state_dict(), str(tmp))
     dist.barrier()
     if rank0:
-        (tmp / HF_CONFIG).write_text(json.dumps(hf_config or model.hf_config.to_hf_dict(), indent=2))
-        (tmp / LAYOUT_FILE).write_text(json.dumps({"tp": model.opts.tp, "pp": model.opts.pp,
-                                                  "padded_vocab_size": model.padded_vocab_size,
-                                                  "dtype": str(model.opts.params_dtype).removeprefix("torch.")}))
+        write_checkpoint_metadata(model, tmp, hf_config)
         shutil.rmtree(ckpt_dir, ignore_errors=True)
         os.replace(tmp, ckpt_dir)
     dist.barrier()
+
+
+def write_checkpoint_metadata(model, folder: str | Path, hf_config: dict | None = None) -> None:
+    """config.json (+ dtype) and the layout file next to a checkpoint: what tools need to read it."""
+    dtype = str(model.opts.params_dtype).removeprefix("torch.")
+    hf = dict(hf_config or model.hf_config.to_hf_dict())
+    hf.setdefault("torch_dtype", dtype)
+    hf.setdefault("dtype", dtype)
+    (Path(folder) / HF_CONFIG).write_text(json.dumps(hf, indent=2))
+    (Path(folder) / LAYOUT_FILE).write_text(json.dumps({"tp": model.opts.tp, "pp": model.opts.pp,
+                                                        "padded_vocab_size": model.padded_vocab_size, "dtype": dtype}))
 
 
 def load_dist_checkpoint(model, ckpt_dir: str | Path) -> None:

@@ -132,6 +132,14 @@ class Qwen2_5_VLModel(MegatronModule):
     def set_input_tensor(self, input_tensor) -> None:
         self.language_model.set_input_tensor(input_tensor)
 
+    # megatron's finalize_model_grads all-reduces tied-embedding grads across stages through these
+    @property
+    def share_embeddings_and_output_weights(self) -> bool:
+        return self.language_model.share_embeddings_and_output_weights
+
+    def shared_embedding_or_output_weight(self):
+        return self.language_model.shared_embedding_or_output_weight()
+
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
               image_grid_thw: torch.Tensor | None, image_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings with image embeddings at image-pad positions -> [S(/TP with SP), B, H].

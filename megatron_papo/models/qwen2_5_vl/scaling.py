@@ -20,15 +20,10 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from megatron_papo.models.qwen2_5_vl.flavors import Qwen2_5_VLConfig
+from megatron_papo.models.qwen2_5_vl.hf_mapping import padded_vocab_size
 
 BF16, FP32 = 2, 4
 GB = 1e9  # tables use decimal gigabytes
-
-
-def pad_vocab(vocab_size: int, tp: int, multiple: int = 128) -> int:
-    """Vocab rounded up to a multiple of multiple*tp (megatron's _vocab_size_with_padding)."""
-    step = multiple * tp
-    return -(-vocab_size // step) * step
 
 
 # ---------------------------------------------------------------- parameters per stage and rank
@@ -93,7 +88,7 @@ def stage_params(cfg: Qwen2_5_VLConfig, layout: Layout, vocab_multiple: int = 12
         raise ValueError(f"PP={pp} does not divide num_hidden_layers={cfg.num_hidden_layers}")
     per_stage_layers = cfg.num_hidden_layers // pp
     h = cfg.hidden_size
-    vocab = pad_vocab(cfg.vocab_size, tp, vocab_multiple)
+    vocab = padded_vocab_size(cfg.vocab_size, tp, vocab_multiple)
     table_rank, table_pad = vocab * h // tp, (vocab - cfg.vocab_size) * h
     layer_repl = 2 * h                                         # input / post-attention norms
     layer_rank = layer_repl + (cfg.lm_layer_param_count() - layer_repl) // tp
@@ -216,7 +211,7 @@ def plan_memory(cfg: Qwen2_5_VLConfig, layout: Layout, train: TrainingSetup = Tr
     s, b, tp = train.seq_len, train.micro_batch, layout.tp
     v = cfg.vision
     s_vision = train.image_tokens * v.spatial_merge_size**2
-    vocab_rank = pad_vocab(cfg.vocab_size, tp, train.vocab_multiple) // tp
+    vocab_rank = padded_vocab_size(cfg.vocab_size, tp, train.vocab_multiple) // tp
     micro_batches = train.global_batch // (layout.dp * b)
     optimizer_shards = layout.dp if train.distributed_optimizer else 1
     lm_layer = layer_activation_bytes(s, b, cfg.hidden_size, cfg.num_attention_heads, tp, train.flash_attention)
@@ -374,6 +369,6 @@ def memory_fields() -> list[str]:
 
 
 __all__ = ["Layout", "StageParams", "TrainingSetup", "RolloutSetup", "StageMemory", "Links", "SyncTraffic",
-           "pad_vocab", "stage_params", "plan_memory", "busiest_stage", "candidate_layouts", "fits",
+           "stage_params", "plan_memory", "busiest_stage", "candidate_layouts", "fits",
            "smallest_gpu_count", "weight_sync_traffic", "naive_sync_traffic", "layer_activation_bytes",
            "vllm_bytes", "RECOMMENDED_72B_LAYOUT", "memory_fields", "GB"]
