@@ -1,7 +1,7 @@
 """Test helpers for the rollout tests: a tiny Qwen2.5-VL HF folder that vLLM can load offline.
 
-The folder holds random fp32 weights (the `tiny` flavor widened to vLLM's smallest CPU head size,
-or any flavor keeping tiny's special-token ids), the project's tiny tokenizer (specials at ids
+The folder holds random fp32 weights (the `tiny` flavor, or any flavor keeping tiny's
+special-token ids), the project's tiny tokenizer (specials at ids
 1016..1022, Qwen chat template) and an image-processor config.
 The image is small (56x56 px -> 4x4 patches -> 4 LLM tokens) so everything runs in seconds.
 """
@@ -22,11 +22,12 @@ IMAGE_SIDE = 56          # pixels; 56 / 14 = 4 patches per side, 2x2 merge -> 4 
 
 
 def rollout_test_flavor():
-    """The `tiny` flavor widened to head_dim 32: vLLM's CPU attention supports head sizes
-    32, 64, 80, ... only (cpu_attn.py get_supported_head_sizes), and tiny has head_dim 16."""
+    """The `tiny` flavor (head_dim 32: vLLM's CPU attention supports head sizes 32, 64, 80, ...)."""
     from megatron_papo.models.qwen2_5_vl.flavors import get_flavor
 
-    return get_flavor("tiny", hidden_size=128, mrope_section=(4, 6, 6))
+    cfg = get_flavor("tiny")
+    assert cfg.head_dim >= 32, "vLLM's CPU attention needs head_dim in (32, 64, 80, ...)"
+    return cfg
 
 
 def build_tiny_hf_folder(path: Path, seed: int = 0, cfg=None, scale: float = 4.0) -> Path:
