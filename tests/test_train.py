@@ -28,7 +28,10 @@ from tests.helpers_hf import save_tiny_hf_folder  # noqa: E402
 RUN_ARGS = [
     "preset=papo_h", "rollout_batch_size=4", "global_batch_size=4", "micro_batch_size=6", "sft_steps=0",
     "rollout.n=3", "rollout.max_new_tokens=12", "rollout.max_prompt_tokens=128", "rollout.engine_dtype=float32",
-    "rollout.bucket_mb=1", "optim.lr=1e-3", "synthetic.image_size=56", "processor.min_pixels=3136",
+    # Adam's first step is lr * g / (|g| + eps): with eps = 1e-8 an element whose gradient is ~1e-8
+    # turns fp32 summation-order noise (TP2 vs TP1) into an lr-sized difference; 1e-6 keeps the
+    # comparison meaningful without changing the update elsewhere.
+    "rollout.bucket_mb=1", "optim.lr=1e-3", "optim.adam_eps=1e-6", "synthetic.image_size=56", "processor.min_pixels=3136",
     "processor.max_pixels=12544", "monitor.tensorboard=false", "monitor.plots=false", "checkpoint.save_interval=1",
     "checkpoint.keep_last=0",
 ]
@@ -102,16 +105,25 @@ def test_rl_step_tp2pp2_equals_tp1(hf_dir, tmp_path):
         torch.testing.assert_close(w4[k], w1[k], atol=1e-5, rtol=0, msg=k)
 
 
-def _wait_for(predicate, proc, timeout=400):
+def _start(out: Path, hf_dir: Path, extra):
+    """The run in the background, its output in a file (a pipe nobody reads would block it)."""
+    out.mkdir(parents=True, exist_ok=True)
+    log = out.parent / f"{out.name}.log"
+    proc = subprocess.Popen(_command(1, out, hf_dir, extra), cwd=REPO, env=_env(), stdout=open(log, "w"),
+                            stderr=subprocess.STDOUT)
+    return proc, log
+
+
+def _wait_for(predicate, proc, log: Path, timeout=400):
     deadline = time.time() + timeout
     while time.time() < deadline:
         if predicate():
             return
         if proc.poll() is not None:
-            raise AssertionError(f"the run ended early (rc={proc.returncode})\n{proc.stdout.read()[-6000:]}")
+            raise AssertionError(f"the run ended early (rc={proc.returncode})\n{log.read_text()[-6000:]}")
         time.sleep(0.2)
     proc.kill()
-    raise AssertionError("timed out waiting for the run")
+    raise AssertionError(f"timed out waiting for the run\n{log.read_text()[-6000:]}")
 
 
 def _latest(out: Path) -> int:
@@ -122,9 +134,8 @@ def _latest(out: Path) -> int:
 def test_resume_after_sigkill_is_bitwise_identical(hf_dir, tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     _train(1, straight, hf_dir, ["steps=5"])
-    proc = subprocess.Popen(_command(1, killed, hf_dir, ["steps=5"]), cwd=REPO, env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    _wait_for(lambda: _latest(killed) >= 2, proc)
+    proc, log = _start(killed, hf_dir, ["steps=5"])
+    _wait_for(lambda: _latest(killed) >= 2, proc, log)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     k = _latest(killed)
@@ -142,11 +153,11 @@ def test_resume_after_sigkill_is_bitwise_identical(hf_dir, tmp_path):
 
 def test_sigterm_saves_and_exits_zero(hf_dir, tmp_path):
     out = tmp_path / "term"
-    proc = subprocess.Popen(_command(1, out, hf_dir, ["steps=50", "checkpoint.save_interval=0"]), cwd=REPO,
-                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    _wait_for(lambda: (out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().strip(), proc)
+    proc, log_file = _start(out, hf_dir, ["steps=50", "checkpoint.save_interval=0"])
+    _wait_for(lambda: (out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().strip(), proc, log_file)
     proc.send_signal(signal.SIGTERM)
-    log, _ = proc.communicate(timeout=300)
+    proc.wait(timeout=300)
+    log = log_file.read_text()
     assert proc.returncode == 0, log[-4000:]
     steps = [r["step"] for r in _metrics(out)]
     assert _latest(out) == steps[-1] < 50

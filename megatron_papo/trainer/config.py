@@ -55,6 +55,7 @@ class OptimConfig:
     weight_decay: float = 1e-2      # AdamW weight decay (PAPO: 1e-2)
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
+    adam_eps: float = 1e-8          # Adam's epsilon
     clip_grad: float = 1.0          # gradient-norm clip (PAPO: 1.0)
 
 

@@ -153,7 +153,7 @@ def build_optimizer(cfg: TrainConfig, policy: list, lr: float):
     o = cfg.optim
     optimizer = get_megatron_optimizer(OptimizerConfig(
         optimizer="adam", lr=lr, min_lr=lr, weight_decay=o.weight_decay, adam_beta1=o.adam_beta1,
-        adam_beta2=o.adam_beta2, clip_grad=o.clip_grad, bf16=cfg.parallel.bf16,
+        adam_beta2=o.adam_beta2, adam_eps=o.adam_eps, clip_grad=o.clip_grad, bf16=cfg.parallel.bf16,
         params_dtype=torch.bfloat16 if cfg.parallel.bf16 else torch.float32,
         use_distributed_optimizer=cfg.parallel.distributed_optimizer), policy)
     horizon = max(cfg.steps, cfg.sft_steps, 1) * max(cfg.ppo_epochs, 1) * (cfg.rollout_batch_size // cfg.global_batch_size) + 1
