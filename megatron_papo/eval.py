@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
                                                             max_pixels=args.max_pixels))
         config = json.loads((folder / "config.json").read_text())
         engine = VLLMEngine(VLLMEngineConfig(model_path=str(folder), dtype=args.dtype, seed=args.seed,
-                                             max_model_len=4096 + args.max_new_tokens,
+                                             max_model_len=min(4096 + args.max_new_tokens,
+                                                               config.get("max_position_embeddings", 1 << 30)),
                                              max_images_per_prompt=max(1, max(len(s.images) for s in samples))))
         outputs = engine.generate(rollout_requests(processor, samples), SamplingConfig(
             n=args.k, temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
