@@ -99,12 +99,17 @@ class Trainer:
         mine = self._my_share(experiences)
         with _timed(phases, "logprobs"):
             self.compute_logprobs(mine)
+            # trainer vs rollout-engine log-probs of the same tokens: a stale or wrong weight sync shows
+            # up here first (a correct one leaves only numerics and the top-p renormalisation)
+            mismatch = self._from_last_stage({"rollout_logp_diff": _mean(
+                abs(a - b) for e in mine if e.old_logp is not None
+                for a, b in zip(e.old_logp.tolist(), e.rollout_logp))} if self.last_stage else {})
         with _timed(phases, "train"):
             train_metrics = self.update(mine)
         with _timed(phases, "sync"):
             sync_weights(self.models, self.engine, self.weight_sync)
         tokens = sum(e.length for e in experiences)
-        metrics = {**rollout_metrics, **train_metrics, "lr": self.optimizer.param_groups[0]["lr"],
+        metrics = {**rollout_metrics, **mismatch, **train_metrics, "lr": self.optimizer.param_groups[0]["lr"],
                    "tokens_per_s": tokens / max(sum(phases.values()), 1e-9)}
         return metrics, phases
 
