@@ -3,8 +3,10 @@
 Every vLLM-specific call of the project is in this file. CPU and GPU take the same code path; the
 device-specific options are chosen in one place, `_device_options`.
 
-Weight updates: the (HF name, full tensor) pairs are packed into one shared-memory file
-(/dev/shm) and only a small index and the file name travel through `collective_rpc` to a worker
+Weight updates: the (HF name, full tensor) pairs of each `load_weights` call are packed into a
+shared-memory file (/dev/shm, weight_sync.SharedBuffer, reused by every call of one update until
+`reset_caches`: fresh shared pages cost ~10x the copy) and only a small index and the file name
+travel through `collective_rpc` to a worker
 extension (`WorkerWeightLoader`, installed with vLLM's `worker_extension_cls`). Each worker maps the
 file (no copy), rebuilds the tensors as views and runs its `reload_weights` (vLLM's in-place
 reload: each parameter's own weight_loader, so HF names and full tensors are accepted and vLLM
@@ -18,7 +20,6 @@ weights.
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +28,7 @@ import numpy as np
 import torch
 
 from .engine import RolloutEngine, RolloutRequest, RolloutSample, SamplingConfig, sample_seed
+from .weight_sync import SharedBuffer
 
 
 @dataclass
@@ -103,24 +105,20 @@ def vllm_load_group(hf_name: str) -> str:
 _ALIGN = 64  # bytes; every packed tensor starts at a multiple of this (dtype views need alignment)
 
 
-def _shared_dir() -> str:
-    return "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
-
-
-def _pack(weights: Iterable[tuple[str, torch.Tensor]], path: str) -> list:
-    """Write (name, tensor) pairs into the file `path` (one copy); returns the index
-    [name, dtype, shape, offset, nbytes] that `WorkerWeightLoader` reads them back with."""
-    items = [(name, tensor.detach().contiguous()) for name, tensor in weights]
+def _index(weights: list[tuple[str, torch.Tensor]]) -> list:
+    """[name, dtype, shape, offset, nbytes] per tensor: where `_pack` puts it and
+    `WorkerWeightLoader` finds it."""
     index, offset = [], 0
-    for name, tensor in items:
+    for name, tensor in weights:
         nbytes = tensor.numel() * tensor.element_size()
         index.append([name, str(tensor.dtype).removeprefix("torch."), list(tensor.shape), offset, nbytes])
         offset += -(-nbytes // _ALIGN) * _ALIGN
-    if offset:
-        flat = torch.from_file(path, shared=True, size=offset, dtype=torch.uint8)
-        for (_, _, _, start, nbytes), (_, tensor) in zip(index, items):
-            flat[start:start + nbytes].copy_(tensor.reshape(-1).view(torch.uint8))
     return index
+
+
+def _pack(weights: list[tuple[str, torch.Tensor]], index: list, flat: torch.Tensor) -> None:
+    for (_, tensor), (_, _, _, start, nbytes) in zip(weights, index):
+        flat[start:start + nbytes].view(tensor.dtype).view(tensor.shape).copy_(tensor)
 
 
 class WorkerWeightLoader:
@@ -145,6 +143,7 @@ class VLLMEngine(RolloutEngine):
 
         self.cfg = cfg
         self._asleep = False
+        self._transfer: SharedBuffer | None = None  # load_weights' shared memory, kept until reset_caches
         self.llm = vllm.LLM(
             model=cfg.model_path,
             dtype=cfg.dtype,
@@ -201,13 +200,16 @@ class VLLMEngine(RolloutEngine):
     load_group = staticmethod(vllm_load_group)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        fd, path = tempfile.mkstemp(prefix="megatron_papo_weights_", dir=_shared_dir())
-        os.close(fd)
-        try:
-            index = _pack(weights, path)
-            self.llm.collective_rpc("load_packed_weights", args=(index, path))
-        finally:
-            os.unlink(path)
+        weights = [(name, tensor.detach()) for name, tensor in weights]
+        index = _index(weights)
+        if not index:
+            return
+        size = index[-1][3] + index[-1][4]
+        if self._transfer is None or self._transfer.bytes.numel() < size:
+            self._release_transfer_buffer()
+            self._transfer = SharedBuffer(size)
+        _pack(weights, index, self._transfer.bytes)
+        self.llm.collective_rpc("load_packed_weights", args=(index, self._transfer.path))
 
     def load_weights_from_folder(self, path: str) -> None:
         """Reload every weight from an HF safetensors folder (the disk route; benchmarks compare
@@ -216,11 +218,19 @@ class VLLMEngine(RolloutEngine):
         self.reset_caches()
 
     def reset_caches(self) -> None:
+        """Ends a weight update: also frees the transfer buffer."""
+        self._release_transfer_buffer()
         self.llm.reset_prefix_cache()
         self.llm.llm_engine.reset_encoder_cache()
 
+    def _release_transfer_buffer(self) -> None:
+        if self._transfer is not None:
+            self._transfer.close()
+            self._transfer = None
+
     def close(self) -> None:
         """Stop the engine core (and its child process, if any)."""
+        self._release_transfer_buffer()
         self.llm.llm_engine.engine_core.shutdown()
 
     # ---- memory between phases ----

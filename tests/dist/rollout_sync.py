@@ -2,8 +2,9 @@
 
 vLLM starts from one HF folder, Megatron loads another; after a sync vLLM's per-token log-probs
 of its own samples (multimodal prompts) must equal the Megatron model's on the same sequences.
-Then an optimizer step changes the Megatron weights, a second sync, and the same check. Finally
-the frozen-vision option: the vision tower is sent on the first sync only.
+Then an optimizer step changes the Megatron weights, a second sync, and the same check. The first
+sync gathers TP shards through shared memory (all ranks share this host), the second with
+dist.all_gather. Finally the frozen-vision option: the vision tower is sent on the first sync only.
 Usage: rollout_sync.py ENGINE_HF_DIR TRAIN_HF_DIR
 """
 import sys
@@ -76,14 +77,16 @@ def main(engine_dir, train_dir):
                 for i, im in enumerate(images)]
     sampling = SamplingConfig(n=2, temperature=1.0, max_new_tokens=8, seed=5)
     from megatron_papo.rollout.vllm_engine import vllm_load_group
-    syncer = WeightSync(cfg, SyncGroups.from_parallel_state(), WeightSyncConfig(bucket_mb=BUCKET_MB), vllm_load_group)
+    syncers = [WeightSync(cfg, SyncGroups.from_parallel_state(),
+                          WeightSyncConfig(bucket_mb=BUCKET_MB, shared_memory_gather=shared), vllm_load_group)
+               for shared in (True, False)]
     n_hf_tensors = len(HFReader(train_dir).names())
 
     def sync_generate_compare(step):
-        stats = syncer.sync(param_rules(model), engine)
+        stats = syncers[step].sync(param_rules(model), engine)
         if rank == 0:
             assert stats.tensors == n_hf_tensors == len(set(stats.names)), (stats.tensors, n_hf_tensors)
-            print(f"sync {step}: {stats.tensors} tensors, {stats.bytes / 2**20:.2f} MiB, {stats.buckets} buckets, "
+            print(f"sync {step} ({'shared-memory' if step == 0 else 'collective'} TP gather): {stats.tensors} tensors, {stats.bytes / 2**20:.2f} MiB, {stats.buckets} buckets, "
                   f"{stats.seconds:.2f} s", flush=True)
         box = [engine.generate(requests, sampling, step=step) if rank == 0 else None]
         dist.broadcast_object_list(box, src=0)
