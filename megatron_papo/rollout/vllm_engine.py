@@ -156,6 +156,9 @@ class VLLMEngine(RolloutEngine):
             load_format=cfg.load_format,
             # log-probs of the distribution sampled from (temperature, top-p applied): engine.py doc
             logprobs_mode="processed_logprobs",
+            # Normalise pixels in the processor, as the trainer does. Device-side normalisation keeps
+            # mean/std in model buffers that a dummy load randomises and no checkpoint restores.
+            mm_device_do_normalize=False,
             worker_extension_cls=f"{__name__}.WorkerWeightLoader",
             **options,
         )
