@@ -10,29 +10,35 @@ np.copyto into preallocated buffers (no fresh output, the bandwidth bound) are p
 the extension writing into those preallocated buffers (out=) is compared with the latter.
 """
 import argparse
-import random
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, uninstalled
 from megatron_papo.ops import masking  # noqa: E402
 
 
-def reference_loop(images, ratio=0.6, patch_size=14):
-    """Like the PAPO reference: float32 working copy, nested Python loops over the grid, one
-    random draw per cell, slice assignment, back to uint8."""
+def reference_loop(pil_images, ratio=0.6, patch_size=14):
+    """The PAPO reference code's masking, operation for operation: its input is a PIL image (as in
+    its data pipeline), converted to a float32 array; nested Python loops over the grid with one
+    np.random.rand() per cell, partial edge cells clipped with min(), the cell set to 0; back to a
+    uint8 PIL image. Our path's input is the uint8 array our data pipeline already holds."""
     outputs = []
-    for image in images:
-        out = image.astype(np.float32)
-        h, w = out.shape[:2]
+    for pil_img in pil_images:
+        img = np.array(pil_img).astype(np.float32)
+        h, w = img.shape[:2]
         for y in range(0, h, patch_size):
             for x in range(0, w, patch_size):
-                if random.random() < ratio:
-                    out[y:y + patch_size, x:x + patch_size, :] = 0
-        outputs.append(out.astype(np.uint8))
+                if np.random.rand() < ratio:
+                    y_end, x_end = min(y + patch_size, h), min(x + patch_size, w)
+                    if img.ndim == 3:
+                        img[y:y_end, x:x_end, :] = 0
+                    else:
+                        img[y:y_end, x:x_end] = 0
+        outputs.append(Image.fromarray(img.astype(np.uint8)))
     return outputs
 
 
@@ -73,13 +79,14 @@ def main():
     sample_ids = list(range(args.images))
     megabytes = sum(im.nbytes for im in images) / 2**20
     buffers = [np.empty_like(im) for im in images]
+    pil_images = [Image.fromarray(im) for im in images]
 
     def copy_into():
         for src, dst in zip(images, buffers):
             np.copyto(dst, src)
 
     runs = {
-        "reference loop (Python)": lambda: reference_loop(images),
+        "reference loop (Python)": lambda: reference_loop(pil_images),
         "numpy fallback": lambda: masking.mask_raw_images(images, seed=0, sample_ids=sample_ids,
                                                           backend="numpy"),
         "memcpy (ndarray.copy per image)": lambda: [im.copy() for im in images],
