@@ -27,7 +27,7 @@ from tests.helpers_hf import save_tiny_hf_folder  # noqa: E402
 # Small but complete: 4 prompts x n=3 responses, 2 micro-batches, PAPO_H (all loss terms on).
 RUN_ARGS = [
     "preset=papo_h", "rollout_batch_size=4", "global_batch_size=4", "micro_batch_size=6", "sft_steps=0",
-    "rollout.n=3", "rollout.max_new_tokens=12", "rollout.max_prompt_tokens=128", "rollout.engine_dtype=float32",
+    "rollout.n=3", "rollout.top_p=1.0", "rollout.max_new_tokens=12", "rollout.max_prompt_tokens=128", "rollout.engine_dtype=float32",
     # Adam's first step is lr * g / (|g| + eps): with eps = 1e-8 an element whose gradient is ~1e-8
     # turns fp32 summation-order noise (TP2 vs TP1) into an lr-sized difference; 1e-6 keeps the
     # comparison meaningful without changing the update elsewhere.
@@ -96,6 +96,8 @@ def test_rl_step_tp2pp2_equals_tp1(hf_dir, tmp_path):
     for key in m1:
         assert m4[key] == pytest.approx(m1[key], abs=1e-5), key
     assert m1["grad_norm"] > 0 and 0 <= m1["reward"] <= 1
+    # the engine sampled from exactly the trainer's weights and inputs (top_p=1: no renormalisation)
+    assert m1["rollout_logp_diff"] < 1e-4 and m4["rollout_logp_diff"] < 1e-4
     w1, w4 = _weights(one / "checkpoints" / "step_00000001"), _weights(four / "checkpoints" / "step_00000001")
     w0 = _weights(one / "checkpoints" / "step_00000000")
     assert w1.keys() == w4.keys()
