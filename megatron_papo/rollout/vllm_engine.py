@@ -6,11 +6,11 @@ device-specific options are chosen in one place, `_device_options`.
 Weight updates: the (HF name, full tensor) pairs of each `load_weights` call are packed into a
 shared-memory file (/dev/shm, weight_sync.SharedBuffer, reused by every call of one update until
 `reset_caches`: fresh shared pages cost ~10x the copy) and only a small index and the file name
-travel through `collective_rpc` to a worker
-extension (`WorkerWeightLoader`, installed with vLLM's `worker_extension_cls`). Each worker maps the
-file (no copy), rebuilds the tensors as views and runs its `reload_weights` (vLLM's in-place
-reload: each parameter's own weight_loader, so HF names and full tensors are accepted and vLLM
-shards them for its TP rank). Why a file: the engine core and its worker may be child processes
+travel through `collective_rpc` to a worker extension (`WorkerWeightLoader`, installed with vLLM's
+`worker_extension_cls`). Each worker maps the file (no copy), rebuilds the tensors as views and
+loads them the way vLLM's in-place `reload_weights` does (each parameter's own weight_loader, so HF
+names and full tensors are accepted and vLLM shards them for its TP rank), with that reload's
+set-up and finalisation once per update (first `load_weights` ... `reset_caches`). Why a file: the engine core and its worker may be child processes
 (always when a training rank hosts vLLM), and tensors sent through the RPC are copied at each hop
 (the second hop pickles, which vLLM's zero-copy tensors do not even survive). The workers must
 share the host with the caller (vLLM TP within one node: the colocated setup). Afterwards the prefix (KV) cache and the vision encoder cache must be reset, or
@@ -122,16 +122,48 @@ def _pack(weights: list[tuple[str, torch.Tensor]], index: list, flat: torch.Tens
 
 
 class WorkerWeightLoader:
-    """Mixed into vLLM's worker class (`worker_extension_cls`): runs inside each vLLM worker."""
+    """Mixed into vLLM's worker class (`worker_extension_cls`): runs inside each vLLM worker.
+
+    One update = `begin_weight_update`, `load_packed_weights` per batch, `end_weight_update`: the
+    steps of vLLM's in-place `reload_weights` (model_loader/reload/inplace.py), split over calls so
+    that its whole-model set-up and finalisation run once per update instead of once per batch
+    (~10 ms each here). In between, modules not yet loaded sit on the meta device: no generation."""
+
+    def begin_weight_update(self) -> None:
+        from vllm.model_executor.model_loader.reload.layerwise import initialize_layerwise_reload
+
+        initialize_layerwise_reload(self.get_model())
 
     def load_packed_weights(self, index: list, path: str) -> None:
-        if not index:
-            return
+        from vllm.config import set_current_vllm_config
+        from vllm.model_executor.model_loader.reload.layerwise import LAYERWISE_INFO
+
         size = index[-1][3] + index[-1][4]
         flat = torch.from_file(path, shared=False, size=size, dtype=torch.uint8)  # mapped, copy-on-write
         weights = [(name, flat[start:start + nbytes].view(getattr(torch, dtype)).view(shape))
                    for name, dtype, shape, start, nbytes in index]
-        self.reload_weights(weights_iterator=weights)
+        with set_current_vllm_config(self.vllm_config):
+            self.get_model().load_weights(weights)
+        # A module is processed (CPU: weights repacked) once all its elements arrived, which a
+        # batch (whole load groups) ensures, except for modules vLLM defers to the end (e.g. ones
+        # with padding, like a vocab not a multiple of 64): their buffered tensors must not stay
+        # views of `flat`, which the next batch overwrites.
+        storage = flat.untyped_storage().data_ptr()
+        for info in LAYERWISE_INFO.values():
+            for _, args in info.loaded_weights:
+                for key, value in args.arguments.items():
+                    if isinstance(value, torch.Tensor) and value.untyped_storage().data_ptr() == storage:
+                        args.arguments[key] = value.clone()
+
+    def end_weight_update(self) -> None:
+        from vllm.config import set_current_vllm_config
+        from vllm.model_executor.model_loader.reload.layerwise import finalize_layerwise_reload
+
+        with set_current_vllm_config(self.vllm_config):
+            finalize_layerwise_reload(self.get_model(), self.vllm_config.model_config)
+        self.model_runner.reset_lora_state()
+        self.reset_encoder_cache()
+        self.reset_mm_cache()
 
 
 class VLLMEngine(RolloutEngine):
@@ -144,6 +176,7 @@ class VLLMEngine(RolloutEngine):
         self.cfg = cfg
         self._asleep = False
         self._transfer: SharedBuffer | None = None  # load_weights' shared memory, kept until reset_caches
+        self._updating = False  # load_weights called, reset_caches not yet: vLLM's reload is open
         self.llm = vllm.LLM(
             model=cfg.model_path,
             dtype=cfg.dtype,
@@ -170,6 +203,8 @@ class VLLMEngine(RolloutEngine):
 
         if self._asleep:
             raise RuntimeError("generate() on a sleeping engine: call wake_up() first")
+        if self._updating:
+            raise RuntimeError("generate() during a weight update: call reset_caches() to finish it")
         prompts, params, keys = [], [], []
         for i, req in enumerate(requests):
             prompt: dict[str, Any] = {"prompt_token_ids": list(req.prompt_token_ids)}
@@ -207,6 +242,9 @@ class VLLMEngine(RolloutEngine):
         index = _index(weights)
         if not index:
             return
+        if not self._updating:
+            self.llm.collective_rpc("begin_weight_update")
+            self._updating = True
         size = index[-1][3] + index[-1][4]
         if self._transfer is None or self._transfer.bytes.numel() < size:
             self._release_transfer_buffer()
@@ -221,7 +259,10 @@ class VLLMEngine(RolloutEngine):
         self.reset_caches()
 
     def reset_caches(self) -> None:
-        """Ends a weight update: also frees the transfer buffer."""
+        """Also ends a weight update: vLLM finishes its reload, the transfer buffer is freed."""
+        if self._updating:
+            self.llm.collective_rpc("end_weight_update")
+            self._updating = False
         self._release_transfer_buffer()
         self.llm.reset_prefix_cache()
         self.llm.llm_engine.reset_encoder_cache()
