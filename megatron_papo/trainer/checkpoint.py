@@ -97,7 +97,7 @@ def _sharded_state_dict(modules: dict, optimizer, is_loading: bool) -> dict[str,
 
     sd: dict[str, Any] = {name: m.sharded_state_dict(prefix="" if name == "model" else f"{name}.")
                           for name, m in modules.items()}
-    if optimizer is not None:
+    if optimizer is not None and (is_loading or optimizer_has_state(optimizer)):
         sd["optimizer"] = optimizer.sharded_state_dict(sd["model"], is_loading=is_loading)
     # One RNG object per (pp, tp, dp) rank: a resumed rank continues its own streams.
     pp, tp, dp = (parallel_state.get_pipeline_model_parallel_world_size(),
@@ -109,6 +109,14 @@ def _sharded_state_dict(modules: dict, optimizer, is_loading: bool) -> dict[str,
     sd["rng_state"] = ShardedObject("rng_state", rng_state() if not is_loading else None, (pp, tp, dp), (pp_r, tp_r, dp_r),
                                     replica_id=0)
     return sd
+
+
+def optimizer_has_state(optimizer) -> bool:
+    """False before the first step: Adam has no moments yet and megatron's optimizer cannot save
+    (or later load) them; such checkpoints are saved without optimizer, which is what a fresh
+    optimizer is."""
+    inner = getattr(optimizer, "chained_optimizers", [optimizer])
+    return any(len(state) > 0 for o in inner for state in o.optimizer.state.values())
 
 
 def save_checkpoint(cfg: CheckpointConfig, step: int, modules: dict, optimizer, scheduler,
@@ -129,7 +137,7 @@ def save_checkpoint(cfg: CheckpointConfig, step: int, modules: dict, optimizer, 
         tmp.mkdir(parents=True)
     dist.barrier()
     sd = _sharded_state_dict(modules, optimizer, is_loading=False)
-    sd["train_state"] = dict(train_state, step=step)
+    sd["train_state"] = dict(train_state, step=step, optimizer_saved="optimizer" in sd)
     sd["scheduler"] = scheduler.state_dict() if scheduler is not None else None
     dist_checkpointing.save(sd, str(tmp))
     dist.barrier()
@@ -151,8 +159,10 @@ def load_checkpoint(path: Path, modules: dict, optimizer, scheduler) -> dict[str
     states, and returns the saved train_state."""
     from megatron.core import dist_checkpointing
 
-    sd = _sharded_state_dict(modules, optimizer, is_loading=True)
     common = dist_checkpointing.load_common_state_dict(str(path))
+    if not common["train_state"].get("optimizer_saved", True):
+        optimizer = None  # saved before its first step: the fresh optimizer is that state
+    sd = _sharded_state_dict(modules, optimizer, is_loading=True)
     loaded = dist_checkpointing.load(sd, str(path))
     for name, m in modules.items():
         m.load_state_dict(loaded[name], strict=False)

@@ -1,0 +1,44 @@
+"""Checkpoints survive a kill during a save: `latest` still names the previous complete checkpoint,
+the half-written one is ignored, and the trainer resumes from the previous one with its weights."""
+import os
+import re
+import signal
+import subprocess
+import sys
+
+from megatron_papo.trainer.checkpoint import CheckpointConfig, find_resume_checkpoint, is_complete
+from tests.distributed import REPO
+
+
+def _run(mode: str, out) -> tuple[int, str]:
+    """Run the worker in its own process group; after it exits (or is killed) the group goes too:
+    dist_checkpointing's writer processes would otherwise outlive a SIGKILLed parent."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), PYTHONWARNINGS="ignore")
+    log = out / f"{mode}.log"
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, str(REPO / "tests/dist/checkpoint_kill.py"), mode, str(out)],
+                                cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=300)
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    return rc, log.read_text()
+
+
+def test_sigkill_during_save_keeps_previous_checkpoint(tmp_path):
+    rc, log = _run("save", tmp_path)
+    assert rc == -signal.SIGKILL, log[-4000:]
+    checksum = re.search(r"saved step 1 checksum=(\S+)", log).group(1)
+    ckpts = tmp_path / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == "1"
+    assert (ckpts / "step_00000002.tmp").is_dir() and not is_complete(ckpts / "step_00000002.tmp")
+    assert find_resume_checkpoint(CheckpointConfig(save_dir=str(ckpts))) == ckpts / "step_00000001"
+    # `latest` lost too (e.g. a kill between rename and pointer update): the newest complete one wins
+    (ckpts / "latest").unlink()
+    assert find_resume_checkpoint(CheckpointConfig(save_dir=str(ckpts))) == ckpts / "step_00000001"
+    rc, log = _run("load", tmp_path)
+    assert rc == 0, log[-4000:]
+    assert f"resumed step 1 checksum={checksum}" in log
