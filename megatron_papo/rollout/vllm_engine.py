@@ -105,22 +105,6 @@ def vllm_load_group(hf_name: str) -> str:
 _ALIGN = 64  # bytes; every packed tensor starts at a multiple of this (dtype views need alignment)
 
 
-def _index(weights: list[tuple[str, torch.Tensor]]) -> list:
-    """[name, dtype, shape, offset, nbytes] per tensor: where `_pack` puts it and
-    `WorkerWeightLoader` finds it."""
-    index, offset = [], 0
-    for name, tensor in weights:
-        nbytes = tensor.numel() * tensor.element_size()
-        index.append([name, str(tensor.dtype).removeprefix("torch."), list(tensor.shape), offset, nbytes])
-        offset += -(-nbytes // _ALIGN) * _ALIGN
-    return index
-
-
-def _pack(weights: list[tuple[str, torch.Tensor]], index: list, flat: torch.Tensor) -> None:
-    for (_, tensor), (_, _, _, start, nbytes) in zip(weights, index):
-        flat[start:start + nbytes].view(tensor.dtype).view(tensor.shape).copy_(tensor)
-
-
 class WorkerWeightLoader:
     """Mixed into vLLM's worker class (`worker_extension_cls`): runs inside each vLLM worker.
 
@@ -238,19 +222,31 @@ class VLLMEngine(RolloutEngine):
     load_group = staticmethod(vllm_load_group)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        weights = [(name, tensor.detach()) for name, tensor in weights]
-        index = _index(weights)
+        """Packs the tensors into the transfer buffer as they come (an iterator's tensors need not
+        all be alive at once), then one RPC loads them."""
+        index, end = [], 0  # [name, dtype, shape, offset, nbytes] per tensor, for WorkerWeightLoader
+        for name, tensor in weights:
+            start = -(-end // _ALIGN) * _ALIGN
+            end = start + tensor.numel() * tensor.element_size()
+            self._reserve_transfer_buffer(used=start, nbytes=end)
+            self._transfer.bytes[start:end].view(tensor.dtype).view(tensor.shape).copy_(tensor.detach())
+            index.append([name, str(tensor.dtype).removeprefix("torch."), list(tensor.shape), start, end - start])
         if not index:
             return
         if not self._updating:
             self.llm.collective_rpc("begin_weight_update")
             self._updating = True
-        size = index[-1][3] + index[-1][4]
-        if self._transfer is None or self._transfer.bytes.numel() < size:
-            self._release_transfer_buffer()
-            self._transfer = SharedBuffer(size)
-        _pack(weights, index, self._transfer.bytes)
         self.llm.collective_rpc("load_packed_weights", args=(index, self._transfer.path))
+
+    def _reserve_transfer_buffer(self, used: int, nbytes: int) -> None:
+        """Room for `nbytes`, keeping the first `used` bytes (a batch larger than the buffer so far)."""
+        if self._transfer is not None and self._transfer.bytes.numel() >= nbytes:
+            return
+        grown = SharedBuffer(max(nbytes, 2 * used))
+        if self._transfer is not None:
+            grown.bytes[:used].copy_(self._transfer.bytes[:used])
+            self._transfer.close()
+        self._transfer = grown
 
     def load_weights_from_folder(self, path: str) -> None:
         """Reload every weight from an HF safetensors folder (the disk route; benchmarks compare

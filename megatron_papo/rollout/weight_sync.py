@@ -21,12 +21,13 @@ size) into their own /dev/shm file, a barrier, the sender reads them in place, a
 chunk. On the benchmark box this moves the bytes ~10x faster than gloo's loopback all-gather.
 Otherwise (GPU tensors, TP across hosts) with `dist.all_gather`, one tensor at a time.
 
-Peak extra memory: one batch plus one bucket on the driver (the engine adapter packs a batch into
-its own transfer buffer: vllm_engine uses a /dev/shm file kept for the whole sync) and on each
-sender, plus one gathered tensor (its TP shards and full copy) on the stage's ranks, plus, for the
-shared-memory gather, a bucket / TP size of staged shards on each non-sender TP rank. A load group
-larger than a bucket travels alone in a buffer of its own size. Buffers are freed when `sync`
-returns.
+Peak extra memory: batches are computed while they are packed, so the driver holds one bucket
+(the engine adapter's transfer buffer: vllm_engine uses a /dev/shm file kept for the whole sync)
+plus one load group (the lookahead that ends a batch), a later stage's sender the same in its own
+bucket, and the stage's ranks one gathered tensor (its TP shards and full copy); with the
+shared-memory gather, a bucket / TP size of staged shards on each non-sender TP rank, which the
+sender maps too. A load group larger than a bucket travels alone in a buffer grown to its size.
+Buffers are freed when `sync` returns.
 
 Bytes moved per sync (P = parameters in HF layout, element size e, TP t, PP p):
   TP gather: the sender receives (t-1)/t of its stage's tensors (all-gather: every TP rank does);
@@ -107,7 +108,8 @@ class SyncStats:
     bytes: int = 0                # their bytes
     buckets: int = 0
     gathered_bytes: int = 0       # bytes this rank received in TP all-gathers
-    engine_seconds: float = 0.0   # driver: time spent inside engine.load_weights
+    engine_seconds: float = 0.0   # driver: time inside engine.load_weights (its own stage's tensors are
+                                  # computed, i.e. gathered, while the engine consumes them)
     seconds: float = 0.0
     names: list[str] = field(default_factory=list)
 
@@ -148,7 +150,8 @@ class SharedBuffer:
 
 
 class _Bucket:
-    """A preallocated byte buffer holding (name, dtype, shape, offset) entries."""
+    """A byte buffer (allocated on first use, `capacity` bytes) holding (name, dtype, shape, offset)
+    entries; it grows for a load group larger than a bucket."""
 
     def __init__(self, capacity: int):
         self.capacity = capacity
@@ -156,10 +159,17 @@ class _Bucket:
         self.entries: list[tuple[str, torch.dtype, tuple[int, ...], int]] = []
         self.used = 0
 
+    def reserve(self, nbytes: int) -> None:
+        """Room for `nbytes` in all, keeping the bytes used so far."""
+        if self.buffer is None or nbytes > self.buffer.numel():
+            grown = torch.empty(max(nbytes, self.capacity), dtype=torch.uint8)
+            if self.buffer is not None:
+                grown[:self.used].copy_(self.buffer[:self.used])
+            self.buffer = grown
+
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        if self.buffer is None:
-            self.buffer = torch.empty(self.capacity, dtype=torch.uint8)
         nbytes = tensor.numel() * tensor.element_size()
+        self.reserve(self.used + nbytes)
         self.buffer[self.used:self.used + nbytes].view(tensor.dtype).copy_(tensor.reshape(-1))
         self.entries.append((name, tensor.dtype, tuple(tensor.shape), self.used))
         self.used += _padded_nbytes(tensor)
@@ -313,22 +323,32 @@ class WeightSync:
             yield group
 
     def _batches(self, hf_tensors, stats: SyncStats):
-        """Lists of (name, tensor) of at most one bucket's bytes, never splitting a load group
-        (a group larger than a bucket is a batch of its own)."""
-        batch, used = [], 0
-        for group in self._groups(hf_tensors):
-            size = sum(_padded_nbytes(t) for _, t in group)
-            for name, tensor in group:
-                stats.tensors += 1
-                stats.bytes += tensor.numel() * tensor.element_size()
-                stats.names.append(name)
-            if batch and used + size > self.bucket_bytes:
-                yield batch
-                batch, used = [], 0
-            batch += group
-            used += size
-        if batch:
-            yield batch
+        """Batches of at most one bucket's bytes, never splitting a load group (a group larger than a
+        bucket is a batch of its own). Each batch is an iterator of (name, tensor) computed while it
+        is consumed, so a consumer that packs them as they come holds its bucket plus one group (the
+        lookahead that decides where the batch ends). Consume each batch before the next."""
+        groups = self._groups(hf_tensors)
+        pending = next(groups, None)
+
+        def batch():
+            nonlocal pending
+            used = 0
+            while pending is not None:
+                size = sum(_padded_nbytes(t) for _, t in pending)
+                if used and used + size > self.bucket_bytes:
+                    return
+                for name, tensor in pending:
+                    stats.tensors += 1
+                    stats.bytes += tensor.numel() * tensor.element_size()
+                    stats.names.append(name)
+                used += size
+                group, pending = pending, None
+                yield from group
+                del group
+                pending = next(groups, None)
+
+        while pending is not None:
+            yield batch()
 
     def sync(self, params: Iterable[tuple[str, torch.Tensor, Rule]], engine: RolloutEngine | None) -> SyncStats:
         """Push this stage's parameters (local name, tensor, hf_mapping rule; e.g. checkpoint_io's
@@ -345,7 +365,7 @@ class WeightSync:
             for _ in batches:  # drives the all-gathers; nothing is yielded on non-senders
                 pass
         elif g.is_driver:
-            for batch in batches:  # the driver's own stage: straight to the engine, no packing
+            for batch in batches:  # the driver's own stage: streamed into the engine, no packing here
                 self._load(engine, batch, stats)
             for sender in g.stage_senders[1:]:
                 self._receive_from(sender, engine, stats)
@@ -354,17 +374,13 @@ class WeightSync:
             driver = g.stage_senders[0]
             bucket = _Bucket(self.bucket_bytes)
             for batch in batches:
-                size = sum(_padded_nbytes(t) for _, t in batch)
-                if size > bucket.capacity:  # one oversized group
-                    bucket = _Bucket(size)
                 bucket.clear()
                 for name, tensor in batch:
                     bucket.add(name, tensor)
-                del batch
                 dist.send_object_list([(bucket.entries, bucket.used)], dst=driver)
                 dist.send(bucket.buffer[:bucket.used], dst=driver)
                 stats.buckets += 1
-                if bucket.capacity > self.bucket_bytes:
+                if bucket.buffer.numel() > self.bucket_bytes:  # grown for an oversized group
                     bucket = _Bucket(self.bucket_bytes)
             dist.send_object_list([None], dst=driver)  # end of this stage
         if self.options.freeze_vision:
@@ -373,7 +389,7 @@ class WeightSync:
         return stats
 
     @staticmethod
-    def _load(engine: RolloutEngine, tensors: list[tuple[str, torch.Tensor]], stats: SyncStats) -> None:
+    def _load(engine: RolloutEngine, tensors: Iterable[tuple[str, torch.Tensor]], stats: SyncStats) -> None:
         start = time.perf_counter()
         engine.load_weights(tensors)
         stats.engine_seconds += time.perf_counter() - start
@@ -386,11 +402,9 @@ class WeightSync:
             dist.recv_object_list(message, src=sender)
             if message[0] is None:
                 return
+            bucket.clear()
             entries, used = message[0]
-            if used > bucket.capacity:
-                bucket = _Bucket(used)  # a tensor larger than a bucket
-            if bucket.buffer is None:
-                bucket.buffer = torch.empty(bucket.capacity, dtype=torch.uint8)
+            bucket.reserve(used)
             dist.recv(bucket.buffer[:used], src=sender)
             bucket.entries, bucket.used = entries, used
             self._load(engine, bucket.tensors(), stats)
@@ -401,5 +415,5 @@ class WeightSync:
                 stats.tensors += 1
                 stats.bytes += numel * torch.empty((), dtype=dtype).element_size()
                 stats.names.append(name)
-            if used > self.bucket_bytes:
+            if bucket.buffer.numel() > self.bucket_bytes:  # grown for an oversized group
                 bucket = _Bucket(self.bucket_bytes)
