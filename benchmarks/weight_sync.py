@@ -194,13 +194,13 @@ def main():
         rows.append(dict(route="disk round trip", seconds=disk_seconds, peaks=disk_peaks,
                          to_engine_mb=disk_bytes / 2**20, buckets=0, gathered_mb=[], bucket_mb=None, engine_s=None))
         print(f"\nmodel: {cfg.param_count() / 1e6:.1f}M parameters, fp32, TP2 (per-rank shard params: {all_params})")
-        print(f"{'route':<22}{'seconds':>9}{'in vLLM s':>11}{'to vLLM MB':>12}{'buckets':>9}"
+        print(f"{'route':<22}{'seconds':>9}{'load_weights s':>15}{'to vLLM MB':>12}{'buckets':>9}"
               f"{'peak extra MB r0 (+vLLM) / r1':>32}")
         for row in rows:
             (own0, all0), (own1, _) = row["peaks"][0], row["peaks"][1]
             peaks = f"{own0:.0f} ({all0:.0f}) / {own1:.0f}"
             engine_s = "-" if row["engine_s"] is None else f"{row['engine_s']:.2f}"
-            print(f"{row['route']:<22}{row['seconds']:>9.2f}{engine_s:>11}{row['to_engine_mb']:>12.1f}"
+            print(f"{row['route']:<22}{row['seconds']:>9.2f}{engine_s:>15}{row['to_engine_mb']:>12.1f}"
                   f"{row['buckets']:>9}{peaks:>32}")
         print(f"TP gather received per rank (MB): {[round(g, 1) for g in rows[0]['gathered_mb']]}")
         best = min((r for r in rows if r["bucket_mb"] is not None), key=lambda r: r["seconds"])
