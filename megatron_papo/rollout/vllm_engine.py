@@ -10,12 +10,13 @@ travel through `collective_rpc` to a worker extension (`WorkerWeightLoader`, ins
 `worker_extension_cls`). Each worker maps the file (no copy), rebuilds the tensors as views and
 loads them the way vLLM's in-place `reload_weights` does (each parameter's own weight_loader, so HF
 names and full tensors are accepted and vLLM shards them for its TP rank), with that reload's
-set-up and finalisation once per update (first `load_weights` ... `reset_caches`). Why a file: the engine core and its worker may be child processes
-(always when a training rank hosts vLLM), and tensors sent through the RPC are copied at each hop
-(the second hop pickles, which vLLM's zero-copy tensors do not even survive). The workers must
-share the host with the caller (vLLM TP within one node: the colocated setup). Afterwards the prefix (KV) cache and the vision encoder cache must be reset, or
-requests that share a prefix / an image with an earlier one reuse values computed with the old
-weights.
+set-up and finalisation once per update (first `load_weights` ... `reset_caches`). Why a file: the
+engine core and its worker may be child processes (always when a training rank hosts vLLM), and
+tensors sent through the RPC are copied at each hop (the second hop pickles, which vLLM's zero-copy
+tensors do not even survive). The workers must share the host with the caller (vLLM TP within one
+node: the colocated setup). Afterwards the prefix (KV) cache and the vision encoder cache must be
+reset, or requests that share a prefix / an image with an earlier one reuse values computed with
+the old weights.
 """
 from __future__ import annotations
 
