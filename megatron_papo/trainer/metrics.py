@@ -19,6 +19,7 @@ CONSOLE_KEYS = [
     ("ref_kl", "ref_kl"), ("grad_norm", "gnorm"), ("response_len", "len"), ("tokens_per_s", "tok/s"),
 ]
 # Curves plotted at the end of a run (one panel each, when present).
+SMOOTHING = 5  # steps in the moving average drawn over each curve
 PLOT_KEYS = ["reward", "accuracy", "kl_prcp", "entropy", "masked_entropy", "ref_kl", "clipfrac_high", "grad_norm"]
 
 
@@ -131,8 +132,14 @@ def plot_curves(history: list[dict[str, Any]], out_dir: Path) -> list[Path]:
     rows = (len(keys) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
     for ax, key in zip(axes.flat, keys):
-        pts = [(h["step"], h[key]) for h in history if key in h]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".")
+        pts = [(h["step"], h[key]) for h in history if key in h and isinstance(h[key], (int, float))]
+        steps, values = [p[0] for p in pts], [p[1] for p in pts]
+        ax.plot(steps, values, marker=".", alpha=0.35, label="per step")
+        if len(values) >= 2 * SMOOTHING:  # RL metrics are noisy: the trend is what one looks for
+            smooth = [sum(values[max(0, i - SMOOTHING + 1): i + 1]) / len(values[max(0, i - SMOOTHING + 1): i + 1])
+                      for i in range(len(values))]
+            ax.plot(steps, smooth, linewidth=2, label=f"mean of last {SMOOTHING}")
+            ax.legend(fontsize=7)
         ax.set_title(key)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
