@@ -42,8 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=0.99)
     p.add_argument("--max-new-tokens", type=int, default=2048)
-    p.add_argument("--min-pixels", type=int, default=256 * 28 * 28)
-    p.add_argument("--max-pixels", type=int, default=1280 * 28 * 28)
+    p.add_argument("--min-pixels", type=int, help="default: the checkpoint's preprocessor_config.json (as trained)")
+    p.add_argument("--max-pixels", type=int, help="default: the checkpoint's preprocessor_config.json (as trained)")
     p.add_argument("--synthetic-seed", type=int, default=12345, help="synthetic task: a seed unseen in training")
     p.add_argument("--synthetic-levels", default="1,2", help="synthetic task: difficulty levels")
     p.add_argument("--synthetic-image-size", type=int, default=56)
@@ -73,8 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     samples = [s for s in (dataset[i] for i in range(min(args.limit, len(dataset)))) if s is not None]
     with tempfile.TemporaryDirectory() as tmp:
         folder = hf_folder_for(ckpt, Path(tmp))
-        processor = VLProcessor.from_config(ProcessorConfig(tokenizer_path=str(folder), min_pixels=args.min_pixels,
-                                                            max_pixels=args.max_pixels))
+        trained = json.loads((folder / "preprocessor_config.json").read_text()).get("size", {})
+        processor = VLProcessor.from_config(ProcessorConfig(
+            tokenizer_path=str(folder), min_pixels=args.min_pixels or trained.get("shortest_edge", 256 * 28 * 28),
+            max_pixels=args.max_pixels or trained.get("longest_edge", 1280 * 28 * 28)))
         config = json.loads((folder / "config.json").read_text())
         engine = VLLMEngine(VLLMEngineConfig(model_path=str(folder), dtype=args.dtype, seed=args.seed,
                                              max_model_len=min(4096 + args.max_new_tokens,
