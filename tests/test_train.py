@@ -105,6 +105,13 @@ def test_rl_step_tp2pp2_equals_tp1(hf_dir, tmp_path):
     assert moved > 1e-4  # the step really changed the weights (lr 1e-3)
     for k in w1:
         torch.testing.assert_close(w4[k], w1[k], atol=1e-5, rtol=0, msg=k)
+    # the TP2xPP2 training checkpoint evaluates through the engine (converted to HF on the way)
+    ev = subprocess.run([sys.executable, "-m", "megatron_papo.eval", "--ckpt", str(four / "checkpoints" / "step_00000001"),
+                         "--k", "2", "--limit", "3", "--max-new-tokens", "8", "--dtype", "float32"],
+                        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert ev.returncode == 0, ev.stderr[-4000:]
+    last = ev.stdout.strip().splitlines()[-1]
+    assert last.startswith("avg@2=") and last.endswith("samples=6"), last
 
 
 def _start(out: Path, hf_dir: Path, extra):
