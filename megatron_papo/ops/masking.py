@@ -144,10 +144,10 @@ def mask_raw_images(images: Sequence[np.ndarray], *, seed: int, sample_ids: Sequ
                     backend: str | None = None) -> list[np.ndarray]:
     """Masked copies of uint8 HxWxC images (reference method), one C++ call for the batch.
 
-    With the extension the outputs are views into one fresh batch buffer (one huge-page-backed
-    allocation instead of one per image), which stays alive while any of them does. ``out``:
-    reusable destination arrays (same shapes, uint8, not overlapping the inputs), returned; a
-    fresh buffer costs a page fault per page, often more than the masking itself.
+    The outputs are fresh arrays, one per image, from numpy's allocator (which reuses memory freed
+    by earlier batches: one new batch-sized buffer instead costs a page fault per page, measured
+    slower than the masking itself). ``out``: caller-owned destination arrays (same shapes, uint8,
+    not overlapping the inputs), filled and returned.
 
     ``backend``: None (the extension if built), "cpp" or "numpy" (for tests and benchmarks).
     """
@@ -181,8 +181,9 @@ def mask_raw_images(images: Sequence[np.ndarray], *, seed: int, sample_ids: Sequ
 
     ext = _pick_backend(backend)
     if ext is not None:
+        out = list(out) if out is not None else [np.empty_like(im) for im in images]
         return ext.mask_raw_images(images, seed, sample_ids, image_indices, patch_size, ratio,
-                                   exact_ratio, fill, None if out is None else list(out))
+                                   exact_ratio, fill, out)
     outputs = []
     for i, (im, sample_id, image_index) in enumerate(zip(images, sample_ids, image_indices)):
         h, w = im.shape[:2]
