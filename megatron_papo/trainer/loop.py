@@ -134,8 +134,8 @@ class Trainer:
                 break
         kept = kept[: cfg.rollout_batch_size]
         if len(kept) < cfg.rollout_batch_size:  # not enough informative groups: pad with the rest
-            rest = [g for g in all_groups if g not in kept]
-            kept += rest[: cfg.rollout_batch_size - len(kept)]
+            taken = {id(g) for g in kept}
+            kept += [g for g in all_groups if id(g) not in taken][: cfg.rollout_batch_size - len(kept)]
         flat = [e for g in kept for e in g]
         rewards = torch.tensor([e.reward for e in flat])
         if algo.overlong_buffer_len > 0:
@@ -150,7 +150,7 @@ class Trainer:
             "format": _mean(e.format_score for e in seen),
             "response_len": _mean(len(e.response_ids) for e in seen),
             "truncated": _mean(e.finish_reason == "length" for e in seen),
-            "groups_kept": len([g for g in kept]) / max(len(all_groups), 1),
+            "groups_kept": len(kept) / max(len(all_groups), 1),
         }
 
     def _rollout_groups(self, samples, step: int, attempt: int) -> list[list[Experience]]:
