@@ -205,7 +205,7 @@ def _row_of_cell(py, px, gw):  # DEPENDENCY_NOTES: rows in 2x2 merge-window orde
 
 
 def test_masked_pixel_values_differ_only_in_masked_patches(processor):
-    masking = pytest.importorskip("megatron_papo.ops.masking", reason="megatron_papo.ops.masking not present yet")
+    from megatron_papo.ops import masking
     from megatron_papo.data.processor import MaskConfig
     from megatron_papo.data.sample import Sample
 
