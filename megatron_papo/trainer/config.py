@@ -41,7 +41,7 @@ class RolloutConfig:
     temperature: float = 1.0        # sampling temperature (PAPO: 1.0)
     top_p: float = 0.99             # nucleus sampling (PAPO: 0.99)
     max_new_tokens: int = 2048      # response length cap (PAPO: 2048)
-    max_prompt_tokens: int = 4096   # prompts longer than this (with image tokens) are skipped
+    max_prompt_tokens: int = 4096   # longest prompt (image tokens included); a longer one is an error naming the sample
     engine_dtype: str = "bfloat16"  # vLLM weights dtype ("float32" for exact CPU runs)
     gpu_memory_utilization: float = 0.5  # GPU: vLLM's share of memory while colocated with training
     bucket_mb: int = 256            # weight sync: bytes per bucket pushed into vLLM
@@ -71,8 +71,6 @@ class TrainConfig:
     sft_steps: int = 0               # supervised warm-up steps on the synthetic task's targets before RL
     sft_lr: float = 1e-3             # learning rate of the warm-up
     sft_batch_size: int = 32         # samples per warm-up step
-    eval_interval: int = 0           # greedy accuracy on held-out synthetic samples every k steps (0 = off)
-    eval_samples: int = 64
     preset: str = "papo_h"           # objective preset (examples/configs/presets/<name>.yaml); `algo.*` overrides it
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)

@@ -32,7 +32,7 @@ from megatron_papo.trainer.batch import Experience, collate, make_micro_batches,
 from megatron_papo.trainer.config import TrainConfig
 from megatron_papo.trainer.metrics import MetricsLogger
 from megatron_papo.trainer.pipeline import run_micro_batches
-from megatron_papo.trainer.setup import (RunState, build_data, build_engine, build_models, build_optimizer,
+from megatron_papo.trainer.setup import (DataSource, RunState, build_engine, build_models, build_optimizer,
                                          build_weight_sync, rollout_requests, sync_weights)
 
 
@@ -49,7 +49,7 @@ class Trainer:
         self.models = build_models(cfg)          # policy (DDP-wrapped chunks), reference, model config
         self.model_cfg = self.models.model_cfg
         self.processor: VLProcessor = self.models.processor
-        self.data = build_data(cfg, self.processor)
+        self.data = DataSource(cfg)
         self.reward_fn = get_reward_fn("papo")
         self.optimizer, self.scheduler = build_optimizer(cfg, self.models.policy, cfg.optim.lr)
         self.state = RunState()
@@ -157,6 +157,10 @@ class Trainer:
         """n responses per sample via the engine on rank 0; rewards graded there; broadcast."""
         cfg = self.cfg
         encoded = [self.processor.encode_sample(s, mask=cfg.mask) for s in samples]
+        for s, enc in zip(samples, encoded):
+            if len(enc.input_ids) > cfg.rollout.max_prompt_tokens:
+                raise ValueError(f"sample {s.sample_id}: prompt of {len(enc.input_ids)} tokens (image tokens included) "
+                                 f"exceeds rollout.max_prompt_tokens={cfg.rollout.max_prompt_tokens}")
         payload = [None]
         if self.rank == 0:
             outputs = self.engine.generate(rollout_requests(self.processor, samples), self.models.sampling(cfg),

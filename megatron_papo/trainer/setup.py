@@ -193,10 +193,6 @@ class DataSource:
         self.sft.load_state_dict(state["sft"])
 
 
-def build_data(cfg: TrainConfig, processor: VLProcessor) -> DataSource:
-    return DataSource(cfg)
-
-
 def rollout_requests(processor: VLProcessor, samples) -> list[RolloutRequest]:
     """Chat-rendered prompt ids with ONE image pad per image (the engine's processor expands them)."""
     return [RolloutRequest(processor.tokenizer(processor.chat_text(s.messages), add_special_tokens=False)["input_ids"],
