@@ -123,8 +123,7 @@ def gather_hf_tensors(model, grads: bool = False) -> dict[str, torch.Tensor]:
             raise ValueError(f"{name} has no grad")
         shards = [torch.empty_like(local) for _ in range(tp_size)]
         dist.all_gather(shards, local.contiguous(), group=tp_group)
-        full = hf_mapping.unshard(rule, shards, model.vocab_size)
-        out.update(zip(rule.hf, hf_mapping.to_hf(rule, full, model.hf_config)))
+        out.update(zip(rule.hf, hf_mapping.shards_to_hf(rule, shards, model.hf_config)))
     return out
 
 

@@ -148,20 +148,76 @@ def to_megatron(rule: Rule, hf_tensors: list[torch.Tensor], cfg: Qwen2_5_VLConfi
 
 def to_hf(rule: Rule, full: torch.Tensor, cfg: Qwen2_5_VLConfig) -> list[torch.Tensor]:
     """The Megatron full tensor (unpadded) -> the rule's HF tensor(s); inverse of `to_megatron`."""
-    if rule.layout == "plain":
-        return [full]
-    if rule.layout == "gate_up":
-        return list(full.chunk(2, dim=0))
+    return shards_to_hf(rule, [full], cfg)
+
+
+def shards_to_hf(rule: Rule, shards: list[torch.Tensor], cfg: Qwen2_5_VLConfig,
+                 dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+    """All TP ranks' Megatron shards (in rank order; vocab rows padded or not) -> the HF tensor(s)."""
+    outs = [torch.empty(shape, dtype=dtype or shards[0].dtype, device=shards[0].device)
+            for shape in hf_shapes(rule, tuple(shards[0].shape), len(shards), cfg)]
+    for tp_rank, local in enumerate(shards):
+        write_hf_shard(rule, local, tp_rank, len(shards), cfg, outs)
+    return outs
+
+
+def hf_shapes(rule: Rule, shard_shape: tuple[int, ...], tp_size: int, cfg: Qwen2_5_VLConfig) -> list[tuple[int, ...]]:
+    """Shapes of the rule's HF tensors, from the shape of one TP rank's Megatron shard."""
+    rest = tuple(shard_shape[1:])
     if rule.layout == "conv_linear":
         v = cfg.vision
-        return [full.reshape(full.shape[0], v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)]
+        return [(shard_shape[0], v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)]
+    if rule.shard == "replicated" or (rule.shard == "row" and len(shard_shape) == 1):
+        return [tuple(shard_shape)]
+    if rule.shard == "row":
+        return [(shard_shape[0], shard_shape[1] * tp_size, *shard_shape[2:])]
+    if rule.shard == "vocab":
+        return [(cfg.vocab_size, *rest)]
+    rows = shard_shape[0] * tp_size
+    if rule.layout == "gate_up":
+        return [(rows // 2, *rest)] * 2
+    if rule.layout == "qkv":
+        heads, groups, head_dim = _heads(cfg, rule.scope)
+        return [(heads * head_dim, *rest), (groups * head_dim, *rest), (groups * head_dim, *rest)]
+    return [(rows, *rest)]
+
+
+def write_hf_shard(rule: Rule, local: torch.Tensor, tp_rank: int, tp_size: int, cfg: Qwen2_5_VLConfig,
+                   outs: list[torch.Tensor]) -> None:
+    """Copy TP rank `tp_rank`'s Megatron shard `local` into its part of the rule's HF tensors `outs`
+    (contiguous, shapes from `hf_shapes`; e.g. views of a transfer buffer, cast on copy). Every rank
+    writes a disjoint part (a tensor every rank holds whole: rank 0 writes it), so the ranks together
+    fill `outs` exactly, in any order, with no temporary."""
+    if rule.shard == "replicated" or (rule.shard == "row" and local.dim() == 1):
+        if tp_rank == 0:
+            outs[0].view(local.shape).copy_(local)  # conv_linear: the Conv3d weight viewed as the linear one
+        return
+    if rule.shard == "row":
+        n = local.shape[1]
+        outs[0][:, tp_rank * n:(tp_rank + 1) * n].copy_(local)
+        return
+    n = local.shape[0]
+    if rule.shard == "vocab":  # Megatron's padding rows (beyond the true vocabulary) are dropped
+        lo, hi = tp_rank * n, min((tp_rank + 1) * n, outs[0].shape[0])
+        if hi > lo:
+            outs[0][lo:hi].copy_(local[:hi - lo])
+        return
+    if rule.layout == "gate_up":  # a shard is [gate_r; up_r]
+        for out, half in zip(outs, local.chunk(2, dim=0)):
+            out[tp_rank * (n // 2):(tp_rank + 1) * (n // 2)].copy_(half)
+        return
+    if rule.layout == "plain":
+        outs[0][tp_rank * n:(tp_rank + 1) * n].copy_(local)
+        return
+    # qkv: the shard holds KV groups [r*g, (r+1)*g), each [its q heads; k; v]
     heads, groups, head_dim = _heads(cfg, rule.scope)
-    per_group = heads // groups
-    rest = full.shape[1:]
-    grouped = full.reshape(groups, (per_group + 2) * head_dim, *rest)
-    q, k, v = grouped.split([per_group * head_dim, head_dim, head_dim], dim=1)
-    q, k, v = (t.reshape(-1, *rest) for t in (q, k, v))
-    return [torch.cat([q, k, v], dim=0)] if rule.layout == "fused_qkv" else [q, k, v]
+    per_group, local_groups, rest = heads // groups, groups // tp_size, local.shape[1:]
+    parts = local.reshape(local_groups, (per_group + 2) * head_dim, *rest).split(
+        [per_group * head_dim, head_dim, head_dim], dim=1)
+    if rule.layout == "fused_qkv":  # HF's one tensor [q; k; v]
+        outs = list(outs[0].split([heads * head_dim, groups * head_dim, groups * head_dim], dim=0))
+    for out, part in zip(outs, parts):
+        out.view(groups, -1, *rest)[tp_rank * local_groups:(tp_rank + 1) * local_groups].copy_(part)
 
 
 # ---------------------------------------------------------------- tensor-parallel sharding
