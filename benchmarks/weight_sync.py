@@ -4,8 +4,10 @@ A ~100M-parameter Qwen2.5-VL flavor is trained one step at TP2 (2 ranks), then p
 (hosted by rank 0) with rollout.weight_sync for each bucket size, and by the naive route: gather
 the HF tensors, save safetensors, vLLM reloads its weights from that folder. Reports seconds,
 bytes moved and the peak extra resident memory per rank: the training process itself (the
-figure line's peak_extra_mb) and, for rank 0, with vLLM's engine core and worker (its children). A greedy generation after each route
-must give the same log-probs (both routes deliver the same weights).
+figure line's peak_extra_mb) and, for rank 0, with vLLM's engine core and worker (its children:
+they map the same shared bucket, and vLLM's reload rebuilds modules). A greedy generation after
+each route must give the same log-probs (both routes deliver the same weights). A bucket smaller
+than the largest load group (here the 64 MB embedding) rises to it; `bucket_mb` reports the size used.
 
 Both routes deliver the same tensors to the same engine. Each route runs --repeats times, the routes
 interleaved (the box's load drifts); the fastest run is reported, with that run's peak memory. Peak
@@ -14,7 +16,7 @@ memory is measured the same way for both routes: RSS sampled during the call min
 baseline).
 Run:  OMP_NUM_THREADS=1 .venv/bin/python -m torch.distributed.run --nproc-per-node 2 \\
           benchmarks/weight_sync.py [--workdir DIR] [--buckets 16,64,256]
-Last line: sync_s=<s> disk_roundtrip_s=<s> ratio=<sync/disk> peak_extra_mb=<mb> bucket_mb=<best>
+Last line: sync_s=<s> disk_roundtrip_s=<s> ratio=<sync/disk> peak_extra_mb=<mb> bucket_mb=<best's size used>
 """
 import argparse
 import shutil
@@ -183,7 +185,7 @@ def main():
         dist.all_gather_object(gathered, stats.gathered_bytes)
         rows.append(dict(route=f"in-memory {bucket_mb:g} MB", seconds=seconds, peaks=peaks,
                          to_engine_mb=stats.bytes / 2**20, buckets=stats.buckets, engine_s=stats.engine_seconds,
-                         gathered_mb=[g / 2**20 for g in gathered], bucket_mb=bucket_mb))
+                         gathered_mb=[g / 2**20 for g in gathered], bucket_mb=stats.capacity_bytes / 2**20))
     disk_bytes, disk_seconds, disk_peaks = best["disk"]
     if rank == 0:
         init = logprobs.pop("init")
@@ -194,15 +196,17 @@ def main():
         rows.append(dict(route="disk round trip", seconds=disk_seconds, peaks=disk_peaks,
                          to_engine_mb=disk_bytes / 2**20, buckets=0, gathered_mb=[], bucket_mb=None, engine_s=None))
         print(f"\nmodel: {cfg.param_count() / 1e6:.1f}M parameters, fp32, TP2 (per-rank shard params: {all_params})")
-        print(f"{'route':<22}{'seconds':>9}{'load_weights s':>15}{'to vLLM MB':>12}{'buckets':>9}"
-              f"{'peak extra MB r0 (+vLLM) / r1':>32}")
+        print(f"{'route':<22}{'seconds':>9}{'engine load s':>15}{'to vLLM MB':>12}{'buckets':>9}"
+              f"{'bucket used MB':>16}{'peak extra MB r0 (+vLLM) / r1':>32}")
         for row in rows:
             (own0, all0), (own1, _) = row["peaks"][0], row["peaks"][1]
             peaks = f"{own0:.0f} ({all0:.0f}) / {own1:.0f}"
             engine_s = "-" if row["engine_s"] is None else f"{row['engine_s']:.2f}"
+            used = "-" if row["bucket_mb"] is None else f"{row['bucket_mb']:.1f}"
             print(f"{row['route']:<22}{row['seconds']:>9.2f}{engine_s:>15}{row['to_engine_mb']:>12.1f}"
-                  f"{row['buckets']:>9}{peaks:>32}")
-        print(f"TP gather received per rank (MB): {[round(g, 1) for g in rows[0]['gathered_mb']]}")
+                  f"{row['buckets']:>9}{used:>16}{peaks:>32}")
+        print(f"TP peers' shard bytes per rank (MB): {[round(g, 1) for g in rows[0]['gathered_mb']]}; a bucket "
+              "rises to the largest load group (vLLM loads a module from whole tensors)")
         best = min((r for r in rows if r["bucket_mb"] is not None), key=lambda r: r["seconds"])
         print(f"sync_s={best['seconds']:.2f} disk_roundtrip_s={disk_seconds:.2f} "
               f"ratio={best['seconds'] / disk_seconds:.2f} peak_extra_mb={max(p[0] for p in best['peaks']):.0f} "

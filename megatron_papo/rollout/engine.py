@@ -29,6 +29,8 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from .packing import PackedTensor, SharedBuffer, pack_layout, packed_end
+
 
 @dataclass
 class RolloutRequest:
@@ -73,7 +75,12 @@ def sample_seed(seed: int, step: int, prompt_index: int, sample_index: int) -> i
 
 
 class RolloutEngine(abc.ABC):
-    """Generates responses and receives new weights (HF names, full tensors)."""
+    """Generates responses and receives new weights (HF names, full tensors).
+
+    Weights arrive packed: the caller writes tensors into the engine's `weight_buffer` (shared
+    memory: other processes on this host may write into it too, by its path) and `load_packed`
+    loads them from there; `load_weights` does both for tensors at hand. One update is any number
+    of loads followed by `reset_caches`; the buffer is reused across its loads and freed at the end."""
 
     @abc.abstractmethod
     def generate(self, requests: list[RolloutRequest], sampling: SamplingConfig,
@@ -81,14 +88,29 @@ class RolloutEngine(abc.ABC):
         """n samples for each request: result[prompt_index][sample_index]."""
 
     @abc.abstractmethod
+    def weight_buffer(self, nbytes: int) -> SharedBuffer:
+        """The buffer `load_packed` reads, at least `nbytes` long (contents are not kept when it grows)."""
+
+    @abc.abstractmethod
+    def load_packed(self, entries: list[PackedTensor]) -> None:
+        """Copy (a subset of) the weights in place from `weight_buffer()`; HF checkpoint names and
+        layouts. Tensors with the same `load_group` must come in the same call. Caches derived from
+        the old weights stay until reset_caches()."""
+
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Copy (a subset of) the weights in place; HF checkpoint names and layouts.
-        Tensors with the same `load_group` must come in the same call.
-        Caches derived from the old weights stay until reset_caches()."""
+        """`load_packed` for (HF name, tensor) pairs at hand: packed into the weight buffer first."""
+        weights = list(weights)
+        entries = pack_layout((name, t.dtype, tuple(t.shape)) for name, t in weights)
+        if not entries:
+            return
+        buffer = self.weight_buffer(packed_end(entries)).bytes
+        for entry, (_, tensor) in zip(entries, weights):
+            entry.view(buffer).copy_(tensor.detach())
+        self.load_packed(entries)
 
     @staticmethod
     def load_group(hf_name: str) -> str:
-        """Tensors that must arrive in one load_weights call share this key (default: none need to)."""
+        """Tensors that must arrive in one load call share this key (default: none need to)."""
         return hf_name
 
     @abc.abstractmethod

@@ -3,14 +3,14 @@
 Every vLLM-specific call of the project is in this file. CPU and GPU take the same code path; the
 device-specific options are chosen in one place, `_device_options`.
 
-Weight updates: the (HF name, full tensor) pairs of each `load_weights` call are packed into a
-shared-memory file (/dev/shm, weight_sync.SharedBuffer, reused by every call of one update until
-`reset_caches`: fresh shared pages cost ~10x the copy) and only a small index and the file name
-travel through `collective_rpc` to a worker extension (`WorkerWeightLoader`, installed with vLLM's
-`worker_extension_cls`). Each worker maps the file (no copy), rebuilds the tensors as views and
+Weight updates: the (HF name, full tensor) pairs of each load are packed into a shared-memory
+file (/dev/shm, packing.SharedBuffer: the engine's `weight_buffer`, reused by every load of one
+update until `reset_caches`: fresh shared pages cost ~10x the copy; weight sync's TP ranks write
+into it directly) and only a small index and the file name travel through `collective_rpc` to a
+worker extension (`WorkerWeightLoader`, installed with vLLM's `worker_extension_cls`). Each worker maps the file (no copy), rebuilds the tensors as views and
 loads them the way vLLM's in-place `reload_weights` does (each parameter's own weight_loader, so HF
 names and full tensors are accepted and vLLM shards them for its TP rank), with that reload's
-set-up and finalisation once per update (first `load_weights` ... `reset_caches`). Why a file: the
+set-up and finalisation once per update (first `load_packed` ... `reset_caches`). Why a file: the
 engine core and its worker may be child processes (always when a training rank hosts vLLM), and
 tensors sent through the RPC are copied at each hop (the second hop pickles, which vLLM's zero-copy
 tensors do not even survive). The workers must share the host with the caller (vLLM TP within one
@@ -21,7 +21,6 @@ the old weights.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +28,7 @@ import numpy as np
 import torch
 
 from .engine import RolloutEngine, RolloutRequest, RolloutSample, SamplingConfig, sample_seed
-from .weight_sync import SharedBuffer
+from .packing import PackedTensor, SharedBuffer, packed_end
 
 
 @dataclass
@@ -103,9 +102,6 @@ def vllm_load_group(hf_name: str) -> str:
     return f"{parent}.{_FUSED_MODULES[leaf]}" if leaf in _FUSED_MODULES else module
 
 
-_ALIGN = 64  # bytes; every packed tensor starts at a multiple of this (dtype views need alignment)
-
-
 class WorkerWeightLoader:
     """Mixed into vLLM's worker class (`worker_extension_cls`): runs inside each vLLM worker.
 
@@ -123,7 +119,7 @@ class WorkerWeightLoader:
         from vllm.config import set_current_vllm_config
         from vllm.model_executor.model_loader.reload.layerwise import LAYERWISE_INFO
 
-        size = index[-1][3] + index[-1][4]
+        size = max(start + nbytes for _, _, _, start, nbytes in index)
         flat = torch.from_file(path, shared=False, size=size, dtype=torch.uint8)  # mapped, copy-on-write
         weights = [(name, flat[start:start + nbytes].view(getattr(torch, dtype)).view(shape))
                    for name, dtype, shape, start, nbytes in index]
@@ -160,8 +156,8 @@ class VLLMEngine(RolloutEngine):
 
         self.cfg = cfg
         self._asleep = False
-        self._transfer: SharedBuffer | None = None  # load_weights' shared memory, kept until reset_caches
-        self._updating = False  # load_weights called, reset_caches not yet: vLLM's reload is open
+        self._transfer: SharedBuffer | None = None  # weight_buffer(): shared memory, kept until reset_caches
+        self._updating = False  # load_packed called, reset_caches not yet: vLLM's reload is open
         self.llm = vllm.LLM(
             model=cfg.model_path,
             dtype=cfg.dtype,
@@ -222,32 +218,23 @@ class VLLMEngine(RolloutEngine):
     # ---- weights ----
     load_group = staticmethod(vllm_load_group)
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Packs the tensors into the transfer buffer as they come (an iterator's tensors need not
-        all be alive at once), then one RPC loads them."""
-        index, end = [], 0  # [name, dtype, shape, offset, nbytes] per tensor, for WorkerWeightLoader
-        for name, tensor in weights:
-            start = -(-end // _ALIGN) * _ALIGN
-            end = start + tensor.numel() * tensor.element_size()
-            self._reserve_transfer_buffer(used=start, nbytes=end)
-            self._transfer.bytes[start:end].view(tensor.dtype).view(tensor.shape).copy_(tensor.detach())
-            index.append([name, str(tensor.dtype).removeprefix("torch."), list(tensor.shape), start, end - start])
-        if not index:
+    def weight_buffer(self, nbytes: int) -> SharedBuffer:
+        if self._transfer is None or self._transfer.nbytes < nbytes:
+            self._release_transfer_buffer()
+            self._transfer = SharedBuffer(nbytes)
+        return self._transfer
+
+    def load_packed(self, entries: list[PackedTensor]) -> None:
+        """One RPC: the workers map the weight buffer's file and load the entries from it."""
+        if not entries:
             return
+        if self._transfer is None or self._transfer.nbytes < packed_end(entries):
+            raise ValueError("load_packed: the entries lie outside weight_buffer(); ask for a buffer that holds them")
+        index = [[e.name, str(e.dtype).removeprefix("torch."), list(e.shape), e.offset, e.nbytes] for e in entries]
         if not self._updating:
             self.llm.collective_rpc("begin_weight_update")
             self._updating = True
         self.llm.collective_rpc("load_packed_weights", args=(index, self._transfer.path))
-
-    def _reserve_transfer_buffer(self, used: int, nbytes: int) -> None:
-        """Room for `nbytes`, keeping the first `used` bytes (a batch larger than the buffer so far)."""
-        if self._transfer is not None and self._transfer.bytes.numel() >= nbytes:
-            return
-        grown = SharedBuffer(max(nbytes, 2 * used))
-        if self._transfer is not None:
-            grown.bytes[:used].copy_(self._transfer.bytes[:used])
-            self._transfer.close()
-        self._transfer = grown
 
     def load_weights_from_folder(self, path: str) -> None:
         """Reload every weight from an HF safetensors folder (the disk route; benchmarks compare

@@ -16,7 +16,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).parent))
 
 TOL = 1e-4
-BUCKET_MB = 0.05  # small: many buckets, groups at bucket edges, the embedding (512 KB) travels alone
+BUCKET_MB = 0.05  # small: many buckets, groups at bucket edges; the bucket rises to the largest group (the embedding)
 
 
 def megatron_batch(cfg, samples, processor, images):
@@ -80,10 +80,19 @@ def main(engine_dir, train_dir):
     syncers = [WeightSync(cfg, SyncGroups.from_parallel_state(),
                           WeightSyncConfig(bucket_mb=BUCKET_MB, shared_memory_gather=shared), vllm_load_group)
                for shared in (True, False)]
-    n_hf_tensors = len(HFReader(train_dir).names())
+    reader = HFReader(train_dir)
+    n_hf_tensors = len(reader.names())
+    group_bytes = {}  # the largest load group, from the HF folder: what the bucket must rise to
+    for name in reader.names():
+        tensor = reader.get(name)
+        group_bytes[vllm_load_group(name)] = group_bytes.get(vllm_load_group(name), 0) + -(
+            -tensor.numel() * tensor.element_size() // 64) * 64
 
     def sync_generate_compare(step):
         stats = syncers[step].sync(param_rules(model), engine)
+        capacities = [None] * dist.get_world_size()
+        dist.all_gather_object(capacities, stats.capacity_bytes)
+        assert max(capacities) == max(group_bytes.values()) > BUCKET_MB * 2**20, (capacities, max(group_bytes.values()))
         if rank == 0:
             assert stats.tensors == n_hf_tensors == len(set(stats.names)), (stats.tensors, n_hf_tensors)
             print(f"sync {step} ({'shared-memory' if step == 0 else 'collective'} TP gather): {stats.tensors} tensors, {stats.bytes / 2**20:.2f} MiB, {stats.buckets} buckets, "
