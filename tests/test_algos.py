@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from megatron_papo.algos import (PAPOConfig, aggregate, dynamic_sampling_keep, grpo_advantages, load_preset,
-                                 overlong_penalty, papo_loss, papo_loss_from_logits)
+from megatron_papo.algos import (PAPOConfig, aggregate, dynamic_sampling_keep, fill_with_informative_groups,
+                                 grpo_advantages, load_preset, overlong_penalty, papo_loss, papo_loss_from_logits)
 
 # Two responses, 4 token slots each. Response 0 has A = +1 and 3 tokens (last slot is padding);
 # response 1 has A = -2 and 4 tokens. Ratios pi/pi_old chosen to hit every clip branch.
@@ -175,6 +175,43 @@ def test_dapo_filter_keeps_groups_strictly_inside_bounds():
     acc = torch.cat([torch.tensor([1.0] * c + [0.0] * (n - c)) for c in correct])
     keep = dynamic_sampling_keep(acc, group_size=n, low=0.01, high=0.99)
     assert keep.tolist() == [False, False, True, True, True, False, False]
+
+
+def _dapo_fill(draws, batch_size, max_extra_draws, n=4):
+    """fill_with_informative_groups over scripted draws (one list of group accuracies per draw)."""
+    calls = []
+
+    def draw(attempt):
+        calls.append(attempt)
+        return [list(g) for g in draws[attempt]]  # fresh lists: equal values, distinct groups
+
+    def informative(groups):
+        return dynamic_sampling_keep(torch.tensor(groups).flatten(), n, 0.01, 0.99).tolist()
+
+    kept, drawn = fill_with_informative_groups(draw, batch_size, informative, max_extra_draws)
+    return kept, drawn, calls
+
+
+def test_dapo_refill_draws_until_the_batch_is_informative():
+    right, wrong, mixed, half = [1.0] * 4, [0.0] * 4, [1.0, 0.0, 0.0, 0.0], [1.0, 1.0, 0.0, 0.0]
+    # enough in the first draw: one draw, the first informative groups in order
+    kept, drawn, calls = _dapo_fill([[right, mixed, wrong, half, mixed]], batch_size=2, max_extra_draws=3)
+    assert calls == [0] and kept == [mixed, half] and len(drawn) == 5
+    # a second draw completes the batch
+    kept, drawn, calls = _dapo_fill([[right, mixed, wrong], [wrong, half, right]], batch_size=2, max_extra_draws=3)
+    assert calls == [0, 1] and kept == [mixed, half] and len(drawn) == 6
+    assert kept[0] is drawn[1] and kept[1] is drawn[4]
+
+
+def test_dapo_refill_pads_with_distinct_uninformative_groups_when_draws_run_out():
+    right, wrong, mixed = [1.0] * 4, [0.0] * 4, [1.0, 0.0, 0.0, 0.0]
+    draws = [[right, mixed, right], [right, wrong, right], [wrong, wrong, mixed]]
+    kept, drawn, calls = _dapo_fill(draws, batch_size=3, max_extra_draws=2)
+    assert calls == [0, 1, 2]  # the first draw and max_extra_draws more
+    assert len(kept) == 3 and len({id(g) for g in kept}) == 3  # equal values, yet distinct groups
+    assert kept[0] is drawn[1] and kept[1] is drawn[8]  # the informative ones first, in order
+    assert kept[2] is drawn[0]  # then the first uninformative group drawn
+    assert len(drawn) == 9
 
 
 def test_overlong_penalty():

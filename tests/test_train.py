@@ -9,6 +9,7 @@ Every run starts from the same tiny HF folder (random weights, the built-in toke
 layouts hold identical weights.
 """
 import json
+import math
 import os
 import signal
 import subprocess
@@ -171,3 +172,17 @@ def test_sigterm_saves_and_exits_zero(hf_dir, tmp_path):
     steps = [r["step"] for r in _metrics(out)]
     assert _latest(out) == steps[-1] < 50
     assert "checkpoint saved" in log
+
+
+def test_dapo_dynamic_sampling_refills_then_pads(hf_dir, tmp_path):
+    """papo_d: groups with uniform accuracy are filtered and more prompts are drawn; a random model
+    answers (almost) nothing right, so the run must use all its draws, then train on a padded batch."""
+    out = tmp_path / "dapo"
+    _train(1, out, hf_dir, ["steps=1", "preset=papo_d", "rollout.dynamic_sampling_max_tries=1",
+                            "checkpoint.save_interval=0"])
+    row = _metrics(out)[0]
+    informative = round(row["groups_informative"] * row["groups_drawn"])
+    assert row["groups_drawn"] in (4, 8)  # rollout_batch_size prompts per draw, at most 1 + 1 draws
+    if informative < 4:
+        assert row["groups_drawn"] == 8, row
+    assert all(map(math.isfinite, _numeric(row).values())), row

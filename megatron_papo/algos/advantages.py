@@ -2,7 +2,12 @@
 
 Responses are laid out prompt-major: the n responses of prompt k are rows k*n .. k*n + n - 1.
 """
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
 import torch
+
+Group = TypeVar("Group")
 
 
 def _groups(values: torch.Tensor, group_size: int, name: str) -> torch.Tensor:
@@ -34,6 +39,27 @@ def dynamic_sampling_keep(accuracy: torch.Tensor, group_size: int, low: float = 
     """
     mean = _groups(accuracy, group_size, "accuracy").float().mean(dim=1)
     return (mean > low) & (mean < high)
+
+
+def fill_with_informative_groups(draw: Callable[[int], list[Group]], batch_size: int,
+                                 informative: Callable[[list[Group]], Sequence[bool]],
+                                 max_extra_draws: int) -> tuple[list[Group], list[Group]]:
+    """DAPO dynamic sampling: draw batches of prompt groups (`draw(attempt)`, attempt = 0, 1, ...) and
+    keep the informative ones (`informative(groups)`, e.g. from `dynamic_sampling_keep`) until
+    `batch_size` are kept or `max_extra_draws` draws beyond the first were made. Short of that, the
+    batch is padded with uninformative groups in the order drawn (the step still trains on a full
+    batch; their advantages are zero). Returns (the batch, every group drawn)."""
+    kept: list[Group] = []
+    drawn: list[Group] = []
+    for attempt in range(max_extra_draws + 1):
+        groups = draw(attempt)
+        drawn += groups
+        kept += [g for g, keep in zip(groups, informative(groups)) if keep]
+        if len(kept) >= batch_size:
+            return kept[:batch_size], drawn
+    taken = {id(g) for g in kept}  # by identity: two groups can hold equal values
+    kept += [g for g in drawn if id(g) not in taken][:batch_size - len(kept)]
+    return kept, drawn
 
 
 def overlong_penalty(response_lengths: torch.Tensor, max_response_length: int, buffer_len: int,

@@ -22,7 +22,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from tqdm import tqdm
 
-from megatron_papo.algos.advantages import dynamic_sampling_keep, grpo_advantages, overlong_penalty
+from megatron_papo.algos.advantages import (dynamic_sampling_keep, fill_with_informative_groups, grpo_advantages,
+                                            overlong_penalty)
 from megatron_papo.algos.losses import papo_loss, papo_loss_from_logits
 from megatron_papo.data.processor import VLProcessor
 from megatron_papo.data.rewards import get_reward_fn
@@ -116,26 +117,20 @@ class Trainer:
     def collect_experiences(self, step: int) -> tuple[list[Experience], dict]:
         """Rollout + rewards + advantages (+ DAPO refill). Same result on every rank."""
         cfg, algo, n = self.cfg, self.cfg.algo, self.cfg.rollout.n
-        kept: list[list[Experience]] = []
-        all_groups: list[list[Experience]] = []
-        tries = 0
-        while len(kept) < cfg.rollout_batch_size:
-            samples = self.data.next_batch(cfg.rollout_batch_size)
-            groups = self._rollout_groups(samples, step, tries)
-            all_groups += groups
-            if not algo.dynamic_sampling:
-                kept = groups
-                break
-            acc = torch.tensor([[e.accuracy for e in g] for g in groups]).flatten()
-            keep = dynamic_sampling_keep(acc, n, algo.dynamic_sampling_low, algo.dynamic_sampling_high)
-            kept += [g for g, k in zip(groups, keep.tolist()) if k]
-            tries += 1
-            if tries > cfg.rollout.dynamic_sampling_max_tries:
-                break
-        kept = kept[: cfg.rollout_batch_size]
-        if len(kept) < cfg.rollout_batch_size:  # not enough informative groups: pad with the rest
-            taken = {id(g) for g in kept}
-            kept += [g for g in all_groups if id(g) not in taken][: cfg.rollout_batch_size - len(kept)]
+
+        def draw(attempt: int) -> list[list[Experience]]:
+            return self._rollout_groups(self.data.next_batch(cfg.rollout_batch_size), step, attempt)
+
+        def informative(groups: list[list[Experience]]) -> list[bool]:
+            accuracy = torch.tensor([[e.accuracy for e in g] for g in groups]).flatten()
+            return dynamic_sampling_keep(accuracy, n, algo.dynamic_sampling_low, algo.dynamic_sampling_high).tolist()
+
+        if algo.dynamic_sampling:
+            kept, all_groups = fill_with_informative_groups(draw, cfg.rollout_batch_size, informative,
+                                                            cfg.rollout.dynamic_sampling_max_tries)
+        else:
+            kept = all_groups = draw(0)
+        n_informative = sum(informative(all_groups))
         flat = [e for g in kept for e in g]
         rewards = torch.tensor([e.reward for e in flat])
         if algo.overlong_buffer_len > 0:
@@ -150,7 +145,8 @@ class Trainer:
             "format": _mean(e.format_score for e in seen),
             "response_len": _mean(len(e.response_ids) for e in seen),
             "truncated": _mean(e.finish_reason == "length" for e in seen),
-            "groups_kept": len(kept) / max(len(all_groups), 1),
+            "groups_drawn": len(all_groups),  # prompts rolled out (DAPO: more than the batch when refilling)
+            "groups_informative": n_informative / max(len(all_groups), 1),  # mixed accuracy (DAPO filter)
         }
 
     def _rollout_groups(self, samples, step: int, attempt: int) -> list[list[Experience]]:
