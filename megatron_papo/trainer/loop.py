@@ -88,6 +88,8 @@ class Trainer:
                     print(f"stopping after step {self.state.step} ({why}); checkpoint saved", flush=True)
                 break
         plots = self.metrics.close()
+        if self.engine is not None:
+            self.engine.close()
         if self.rank == 0:
             print(f"outputs: {self.out.resolve()} (metrics.jsonl, tensorboard/, checkpoints/"
                   + (f", {plots[0].name}" if plots else "") + ")", flush=True)
