@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -57,35 +56,32 @@ def packed_end(entries: list[PackedTensor]) -> int:
     return max((e.end for e in entries), default=0)
 
 
-def shared_dir() -> str:
-    return "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
-
-
 class SharedBuffer:
-    """Bytes in a file under /dev/shm, mapped here; other processes on this host map it by `path`.
+    """Bytes in an anonymous shared-memory file (memfd), mapped here; other processes on this host
+    map it by `path` (/proc/<pid>/fd/<fd>) while this object is open.
 
-    Meant to be reused for every bucket of a sync: writing into fresh shared memory costs ~10x the
-    copy itself (page faults), paid once per buffer. `close` frees it (mappings elsewhere keep
-    their pages until dropped)."""
+    Anonymous: the memory goes back to the system when the last process holding it ends, however
+    it ends (a SIGKILLed trainer cannot leave gigabytes behind in /dev/shm). Meant to be reused for
+    every bucket of a sync: writing into fresh shared memory costs ~10x the copy itself (page
+    faults), paid once per buffer. `close` drops this process's hold."""
 
     def __init__(self, nbytes: int):
-        fd, self.path = tempfile.mkstemp(prefix="megatron_papo_weights_", dir=shared_dir())
-        os.close(fd)
-        self.bytes = torch.from_file(self.path, shared=True, size=max(nbytes, 1), dtype=torch.uint8)
+        if not hasattr(os, "memfd_create"):
+            raise RuntimeError("weight sync needs Linux (os.memfd_create) for its shared-memory buffers")
+        self._fd = os.memfd_create("megatron_papo_weights", os.MFD_CLOEXEC)
+        os.ftruncate(self._fd, max(nbytes, 1))
+        self.path = f"/proc/{os.getpid()}/fd/{self._fd}"
+        self.bytes = map_shared(self.path, nbytes)
 
     @property
     def nbytes(self) -> int:
         return self.bytes.numel()
 
-    def unlink(self) -> None:
-        """Remove the file name (the pages live on while mapped)."""
-        if self.path is not None:
-            os.unlink(self.path)
-            self.path = None
-
     def close(self) -> None:
-        self.unlink()
         self.bytes = torch.empty(0, dtype=torch.uint8)
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def map_shared(path: str, nbytes: int) -> torch.Tensor:

@@ -3,20 +3,20 @@
 Every vLLM-specific call of the project is in this file. CPU and GPU take the same code path; the
 device-specific options are chosen in one place, `_device_options`.
 
-Weight updates: the (HF name, full tensor) pairs of each load are packed into a shared-memory
-file (/dev/shm, packing.SharedBuffer: the engine's `weight_buffer`, reused by every load of one
+Weight updates: the (HF name, full tensor) pairs of each load are packed into shared memory (an
+anonymous memfd, packing.SharedBuffer: the engine's `weight_buffer`, reused by every load of one
 update until `reset_caches`: fresh shared pages cost ~10x the copy; weight sync's TP ranks write
-into it directly) and only a small index and the file name travel through `collective_rpc` to a
-worker extension (`WorkerWeightLoader`, installed with vLLM's `worker_extension_cls`). Each worker maps the file (no copy), rebuilds the tensors as views and
-loads them the way vLLM's in-place `reload_weights` does (each parameter's own weight_loader, so HF
-names and full tensors are accepted and vLLM shards them for its TP rank), with that reload's
-set-up and finalisation once per update (first `load_packed` ... `reset_caches`). Why a file: the
-engine core and its worker may be child processes (always when a training rank hosts vLLM), and
-tensors sent through the RPC are copied at each hop (the second hop pickles, which vLLM's zero-copy
-tensors do not even survive). The workers must share the host with the caller (vLLM TP within one
-node: the colocated setup). Afterwards the prefix (KV) cache and the vision encoder cache must be
-reset, or requests that share a prefix / an image with an earlier one reuse values computed with
-the old weights.
+into it directly) and only a small index and the buffer's path travel through `collective_rpc` to a
+worker extension (`WorkerWeightLoader`, installed with vLLM's `worker_extension_cls`). Each worker
+maps the buffer (no copy), rebuilds the tensors as views and loads them the way vLLM's in-place
+`reload_weights` does (each parameter's own weight_loader, so HF names and full tensors are
+accepted and vLLM shards them for its TP rank), with that reload's set-up and finalisation once per
+update (first `load_packed` ... `reset_caches`). Why shared memory: the engine core and its worker
+may be child processes (always when a training rank hosts vLLM), and tensors sent through the RPC
+are copied at each hop (the second hop pickles, which vLLM's zero-copy tensors do not even
+survive). The workers must share the host with the caller (vLLM TP within one node: the colocated
+setup). Afterwards the prefix (KV) cache and the vision encoder cache must be reset, or requests
+that share a prefix / an image with an earlier one reuse values computed with the old weights.
 """
 from __future__ import annotations
 

@@ -66,7 +66,7 @@ class WeightSyncConfig:
     bucket_mb: float = 256.0                  # bucket size (raised to the largest load group); peak extra memory per rank
     freeze_vision: bool = False               # vision tower not trained: sent on the first sync only
     transfer_dtype: torch.dtype | None = None  # cast before packing (e.g. bf16 for a bf16 engine); None = as trained
-    shared_memory_gather: bool = True         # TP gather via /dev/shm when the TP ranks share a host (CPU tensors)
+    shared_memory_gather: bool = True         # TP ranks write into shared memory when they share a host (CPU tensors)
 
 
 @dataclass
@@ -239,9 +239,7 @@ class WeightSync:
                 paths = [None] * tp
                 dist.all_gather_object(paths, buffer.path if g.is_sender else None, group=tp_group)
                 target = buffer.bytes if g.is_sender else map_shared(paths[0], capacity)
-                dist.barrier(group=tp_group)  # mapped everywhere: a sender's own file name can go
-                if own is not None:
-                    own.unlink()
+                dist.barrier(group=tp_group)  # mapped everywhere
             elif g.is_sender:
                 target = buffer.bytes
             for bucket in buckets:
