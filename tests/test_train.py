@@ -191,3 +191,20 @@ def test_dapo_dynamic_sampling_refills_then_pads(hf_dir, tmp_path):
     if informative < 4:
         assert row["groups_drawn"] == 8, row
     assert all(map(math.isfinite, _numeric(row).values())), row
+
+
+def test_token_budget_micro_batches_give_the_same_update(hf_dir, tmp_path):
+    """micro_batch_tokens regroups the sequences (length-sorted, by padded tokens) in the log-prob
+    passes and, with the global token mean (which does not depend on the grouping), in the update:
+    the step's update equals the one with micro_batch_size batches (fp32, as the TP test)."""
+    fixed, packed = tmp_path / "fixed", tmp_path / "packed"
+    common = ["steps=1", "algo.loss_agg_mode=global_token_mean"]
+    _train(1, fixed, hf_dir, common)
+    log = _train(1, packed, hf_dir, common + ["micro_batch_tokens=150"])
+    a, b = _metrics(fixed)[0], _metrics(packed)[0]
+    assert abs(a["rollout_logp_diff"] - b["rollout_logp_diff"]) < 1e-6, (a, b)  # old log-probs: same values
+    wa, wb = _weights(fixed / "checkpoints" / "step_00000001"), _weights(packed / "checkpoints" / "step_00000001")
+    w0 = _weights(fixed / "checkpoints" / "step_00000000")
+    assert max((wa[k] - w0[k]).abs().max().item() for k in wa) > 1e-4, "the step must move the weights"
+    for k in wa:
+        torch.testing.assert_close(wb[k], wa[k], atol=1e-5, rtol=0, msg=k)

@@ -36,3 +36,27 @@ def test_errors_and_chunks():
     with pytest.raises(ValueError, match="micro_batch_size"):
         make_micro_batches([], 0)
     assert [len(c) for c in make_micro_batches(list(range(5)), 2)] == [2, 2, 1]
+
+
+def test_micro_batches_by_token_budget():
+    gen = torch.Generator().manual_seed(0)
+    lengths = torch.randint(3, 40, (50,), generator=gen).tolist()
+    exps = [_exp(i, [1] * 2, [2] * (n - 2)) for i, n in enumerate(lengths)]
+    budget = 96
+    batches = make_micro_batches(exps, micro_batch_size=4, max_tokens=budget)
+    assert sorted(id(e) for b in batches for e in b) == sorted(id(e) for e in exps)  # each exactly once
+    for b in batches:
+        padded = len(b) * max(e.length for e in b)
+        assert padded <= budget or len(b) == 1
+    flat = [e for b in batches for e in b]
+    assert [e.length for e in flat] == sorted(lengths, reverse=True)
+    # greedy: the next sequence would have broken the budget of the batch before it
+    for b, after in zip(batches, batches[1:]):
+        assert (len(b) + 1) * b[0].length > budget
+    padded_fixed = sum(len(c) * max(e.length for e in c) for c in make_micro_batches(exps, 4))
+    padded_tokens = sum(len(b) * b[0].length for b in batches)
+    assert padded_tokens < padded_fixed and padded_tokens <= 1.1 * sum(lengths)
+    alone = make_micro_batches([_exp(0, [1], [2] * 200)] + exps[:3], 4, max_tokens=budget)
+    assert len(alone[0]) == 1 and alone[0][0].length == 201  # longer than the budget: alone
+    with pytest.raises(ValueError, match="micro_batch_tokens"):
+        make_micro_batches(exps, 4, max_tokens=-1)

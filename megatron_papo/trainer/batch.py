@@ -119,8 +119,25 @@ def split_response_values(values: torch.Tensor, exps: list[Experience]) -> list[
     return out
 
 
-def make_micro_batches(exps: list[Experience], micro_batch_size: int) -> list[list[Experience]]:
-    """Consecutive chunks of `micro_batch_size` experiences (the order is the caller's)."""
-    if micro_batch_size <= 0:
-        raise ValueError(f"micro_batch_size must be positive, got {micro_batch_size}")
-    return [exps[i: i + micro_batch_size] for i in range(0, len(exps), micro_batch_size)]
+def make_micro_batches(exps: list[Experience], micro_batch_size: int,
+                       max_tokens: int = 0) -> list[list[Experience]]:
+    """The experiences in micro-batches.
+
+    max_tokens = 0: consecutive chunks of `micro_batch_size` experiences, in the caller's order.
+    max_tokens > 0: by padded size instead (micro_batch_size is not used): experiences sorted by
+    length, longest first, and each micro-batch takes the next ones while (count x its longest)
+    stays within max_tokens; a sequence longer than that goes alone. Sorting leaves little padding,
+    and short sequences share a micro-batch."""
+    if max_tokens < 0:
+        raise ValueError(f"micro_batch_tokens must be >= 0, got {max_tokens}")
+    if not max_tokens:
+        if micro_batch_size <= 0:
+            raise ValueError(f"micro_batch_size must be positive, got {micro_batch_size}")
+        return [exps[i: i + micro_batch_size] for i in range(0, len(exps), micro_batch_size)]
+    batches: list[list[Experience]] = []
+    for e in sorted(exps, key=lambda e: -e.length):  # stable: ties keep the caller's order
+        if batches and (len(batches[-1]) + 1) * batches[-1][0].length <= max_tokens:
+            batches[-1].append(e)
+        else:
+            batches.append([e])
+    return batches

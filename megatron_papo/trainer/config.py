@@ -67,6 +67,11 @@ class TrainConfig:
     rollout_batch_size: int = 384    # prompts per RL step (PAPO: 384)
     global_batch_size: int = 128     # prompts per optimizer step (PAPO: 128 -> 640 responses)
     micro_batch_size: int = 4        # sequences per micro-batch per DP rank
+    micro_batch_tokens: int = 0      # > 0: micro-batches by padded tokens instead (length-sorted, so little
+                                     # padding; trainer/batch.py make_micro_batches). Used by the no-grad
+                                     # log-prob passes, and by the update only with algo.loss_agg_mode=
+                                     # global_token_mean (the other modes average per micro-batch, so their
+                                     # loss would depend on where batches are cut)
     ppo_epochs: int = 1              # passes over each rollout batch (PAPO: 1)
     sft_steps: int = 0               # supervised warm-up steps on the synthetic task's targets before RL
     sft_lr: float = 1e-3             # learning rate of the warm-up
@@ -89,6 +94,8 @@ class TrainConfig:
         if self.rollout_batch_size % self.global_batch_size:
             raise ValueError(f"rollout_batch_size {self.rollout_batch_size} must be a multiple of "
                              f"global_batch_size {self.global_batch_size}")
+        if self.micro_batch_tokens < 0:
+            raise ValueError(f"micro_batch_tokens must be >= 0 (0 = micro_batch_size sequences), got {self.micro_batch_tokens}")
         if self.parallel.sequence_parallel and self.parallel.tp == 1:
             raise ValueError("parallel.sequence_parallel=true needs parallel.tp > 1")
         if self.sft_steps and self.data.path:

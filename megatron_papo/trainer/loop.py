@@ -209,7 +209,7 @@ class Trainer:
 
     @torch.no_grad()
     def exp_logprobs(self, exps, model_chunks, attr: str, *, masked: bool, temperature: float) -> None:
-        chunks = make_micro_batches(exps, self.cfg.micro_batch_size)
+        chunks = make_micro_batches(exps, self.cfg.micro_batch_size, self.cfg.micro_batch_tokens)
         mbs = [collate(c, pad_id=self.model_cfg.bos_token_id) for c in chunks]
 
         def on_logits(mb, logits):
@@ -242,7 +242,8 @@ class Trainer:
 
     def train_minibatch(self, exps: list[Experience]) -> dict:
         cfg, algo = self.cfg, self.cfg.algo
-        chunks = make_micro_batches(exps, cfg.micro_batch_size)
+        by_tokens = cfg.micro_batch_tokens if algo.loss_agg_mode == "global_token_mean" else 0
+        chunks = make_micro_batches(exps, cfg.micro_batch_size, by_tokens)
         mbs = [collate(c, pad_id=self.model_cfg.bos_token_id) for c in chunks]
         exact = algo.perception_mode == "exact" or algo.entropy_mode == "exact"
         # exact terms of the masked branch need its full logits: [real; masked] in one forward
