@@ -37,7 +37,8 @@ def setup(tmp_path_factory):
     engine = VLLMEngine(VLLMEngineConfig(model_path=str(folder), dtype="float32", max_model_len=1024))
     hf = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
     processor = transformers.AutoImageProcessor.from_pretrained(folder)
-    return engine, hf, processor, folder
+    yield engine, hf, processor, folder
+    engine.close()  # now, not at interpreter exit (vLLM's own exit hook then finds no process group)
 
 
 def hf_inputs(processor, hf_cfg, ids, image):
