@@ -1,6 +1,7 @@
 """The trainer end to end (vLLM rollouts, megatron-core updates, checkpoints):
 
-- one full RL step at TP2xPP2 equals the same step at TP1 (metrics and updated weights, fp32);
+- one full RL step at TP2xPP2, and at DP2, equals the same step at TP1 (metrics and updated weights,
+  fp32);
 - a run killed with SIGKILL after step k and resumed with --resume auto reproduces the metrics and
   weights of an uninterrupted run bitwise, and its vLLM engine processes do not outlive it;
 - SIGTERM makes the run save and exit 0.
@@ -89,7 +90,7 @@ def _numeric(row: dict) -> dict:
             and k != "tokens_per_s"}
 
 
-def test_rl_step_tp2pp2_equals_tp1(hf_dir, tmp_path):
+def test_rl_step_tp2pp2_and_dp2_equal_tp1(hf_dir, tmp_path):
     one, four = tmp_path / "tp1", tmp_path / "tp2pp2"
     _train(1, one, hf_dir, ["steps=1"])
     _train(4, four, hf_dir, ["steps=1", "parallel.tp=2", "parallel.pp=2"])
@@ -107,6 +108,16 @@ def test_rl_step_tp2pp2_equals_tp1(hf_dir, tmp_path):
     assert moved > 1e-4  # the step really changed the weights (lr 1e-3)
     for k in w1:
         torch.testing.assert_close(w4[k], w1[k], atol=1e-5, rtol=0, msg=k)
+    # data parallel: 2 replicas, each half of the responses (the same micro-batches as TP1's)
+    two = tmp_path / "dp2"
+    _train(2, two, hf_dir, ["steps=1"])
+    m2 = _numeric(_metrics(two)[-1])
+    assert m2.keys() == m1.keys()
+    for key in m1:
+        assert m2[key] == pytest.approx(m1[key], abs=1e-5), key
+    w2 = _weights(two / "checkpoints" / "step_00000001")
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], atol=1e-5, rtol=0, msg=k)
     # the TP2xPP2 training checkpoint evaluates through the engine (converted to HF on the way)
     ev = subprocess.run([sys.executable, "-m", "megatron_papo.eval", "--ckpt", str(four / "checkpoints" / "step_00000001"),
                          "--k", "2", "--limit", "3", "--max-new-tokens", "8", "--dtype", "float32"],
