@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import torch
 
 from megatron_papo.models.qwen2_5_vl.flavors import Qwen2_5_VLConfig
-from megatron_papo.models.qwen2_5_vl.hf_mapping import Rule, to_hf
+from megatron_papo.models.qwen2_5_vl.hf_mapping import Rule, head_counts, split_dim, to_hf
 
 VLLM_VOCAB_PADDING = 64  # vllm.model_executor.layers.vocab_parallel_embedding.DEFAULT_VOCAB_PADDING_SIZE
 
@@ -59,25 +59,12 @@ class Component:
     unit: int = 1   # rows (or columns) per unit along dim
 
 
-def _heads(rule: Rule, cfg: Qwen2_5_VLConfig) -> tuple[int, int, int]:
-    if rule.scope == "vision":
-        return cfg.vision.num_heads, cfg.vision.num_heads, cfg.vision.head_dim
-    return cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-
-
-def _split_dim(rule: Rule, ndim: int) -> int | None:
-    """The dimension split over TP, or None for a tensor every rank holds whole."""
-    if rule.shard == "replicated" or (rule.shard == "row" and ndim == 1):
-        return None
-    return 1 if rule.shard == "row" else 0
-
-
 def components(rule: Rule, cfg: Qwen2_5_VLConfig, full_shape: tuple[int, ...]) -> list[Component]:
     """The split components of a tensor whose HF-equivalent full shape (unpadded) is `full_shape`."""
     if rule.layout in ("qkv", "fused_qkv"):
-        heads, groups, head_dim = _heads(rule, cfg)
+        heads, groups, head_dim = head_counts(cfg, rule.scope)
         return [Component("q", heads, head_dim), Component("k", groups, head_dim), Component("v", groups, head_dim)]
-    dim = _split_dim(rule, len(full_shape))
+    dim = split_dim(rule, len(full_shape))
     if rule.layout == "gate_up":
         return [Component("gate", full_shape[0] // 2), Component("up", full_shape[0] // 2)]
     return [Component("all", full_shape[dim])]
@@ -116,7 +103,7 @@ def _unpack_train_shard(rule: Rule, cfg: Qwen2_5_VLConfig, shard: torch.Tensor, 
                         comps: list[Component]) -> list[torch.Tensor]:
     """A train rank's Megatron shard -> one tensor per component (split dim first for row tensors)."""
     if rule.layout in ("qkv", "fused_qkv"):
-        heads, groups, head_dim = _heads(rule, cfg)
+        heads, groups, head_dim = head_counts(cfg, rule.scope)
         per_group = heads // groups
         rest = shard.shape[1:]
         grouped = shard.reshape(groups // tp, (per_group + 2) * head_dim, *rest)
@@ -134,7 +121,7 @@ def vllm_shard(rule: Rule, cfg: Qwen2_5_VLConfig, train_shards: dict[int, torch.
     `train_shards` maps train TP rank -> its Megatron shard; it must contain at least the ranks
     `ReshardPlan.sources` names for this rollout rank (others are ignored)."""
     any_shard = next(iter(train_shards.values()))
-    dim = _split_dim(rule, any_shard.dim())
+    dim = split_dim(rule, any_shard.dim())
     if dim is None:
         if rule.layout == "conv_linear":
             return to_hf(rule, train_shards[0], cfg)[0]
@@ -200,7 +187,7 @@ class ReshardPlan:
 
     def _plan_one(self, rule: Rule, shape: tuple[int, ...]) -> list[Transfer]:
         t, r = self.train_tp, self.rollout_tp
-        dim = _split_dim(rule, len(shape))
+        dim = split_dim(rule, len(shape))
         numel = 1
         for s in shape:
             numel *= s

@@ -133,10 +133,6 @@ def _is_tied_output_copy(local_name: str, rule: Rule) -> bool:
     return "output_layer" in local_name and "output_layer" not in rule.megatron
 
 
-def _is_whole_on_every_rank(rule: Rule, param: torch.Tensor) -> bool:
-    return rule.shard == "replicated" or (rule.shard == "row" and param.dim() == 1)
-
-
 class WeightSync:
     """Megatron stage parameters -> HF tensors in buckets -> the engine on the driver rank.
 
@@ -247,7 +243,7 @@ class WeightSync:
                     if in_place:
                         hf_mapping.write_hf_shard(item.rule, item.param.detach(), tp_rank, tp, self.cfg,
                                                   [e.view(target) for e in item.entries])
-                        if g.is_sender and not _is_whole_on_every_rank(item.rule, item.param):
+                        if g.is_sender and hf_mapping.split_dim(item.rule, item.param.dim()) is not None:
                             stats.gathered_bytes += (tp - 1) * item.param.numel() * item.entries[0].dtype.itemsize
                     else:
                         self._gather_and_write(item, target if g.is_sender else None, stats)

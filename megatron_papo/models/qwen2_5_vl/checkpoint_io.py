@@ -309,7 +309,5 @@ def iter_dist_checkpoint_as_hf(ckpt_dir: str | Path, cfg: Qwen2_5_VLConfig, show
         dcp_load({}, storage_reader=FileSystemReader(str(ckpt_dir)), planner=_SlicePlanner(requests), no_dist=True)
         for rule, _, layer in group:
             full = requests[rule.megatron][2]
-            full = full[0] if layer is not None else full
-            if rule.shard == "vocab":
-                full = full[: cfg.vocab_size]
+            full = full[0] if layer is not None else full  # vocab padding rows are dropped by to_hf
             yield from zip(rule.hf, hf_mapping.to_hf(rule, full, cfg))

@@ -122,7 +122,15 @@ def hf_hub_name(name: str) -> str:
 
 
 # ---------------------------------------------------------------- layouts
-def _heads(cfg: Qwen2_5_VLConfig, scope: str) -> tuple[int, int, int]:
+def split_dim(rule: Rule, ndim: int) -> int | None:
+    """The dimension of an `ndim`-d tensor that TP splits, or None for one every rank holds whole
+    (replicated tensors and row-parallel biases)."""
+    if rule.shard == "replicated" or (rule.shard == "row" and ndim == 1):
+        return None
+    return 1 if rule.shard == "row" else 0
+
+
+def head_counts(cfg: Qwen2_5_VLConfig, scope: str) -> tuple[int, int, int]:
     """(query heads, kv groups, head_dim) for the rule's scope."""
     if scope == "vision":
         return cfg.vision.num_heads, cfg.vision.num_heads, cfg.vision.head_dim
@@ -137,7 +145,7 @@ def to_megatron(rule: Rule, hf_tensors: list[torch.Tensor], cfg: Qwen2_5_VLConfi
         return torch.cat(hf_tensors, dim=0)
     if rule.layout == "conv_linear":
         return hf_tensors[0].flatten(1)
-    heads, groups, head_dim = _heads(cfg, rule.scope)
+    heads, groups, head_dim = head_counts(cfg, rule.scope)
     q, k, v = hf_tensors[0].chunk(3, dim=0) if rule.layout == "fused_qkv" else hf_tensors
     rest = q.shape[1:]
     per_group = heads // groups
@@ -151,10 +159,9 @@ def to_hf(rule: Rule, full: torch.Tensor, cfg: Qwen2_5_VLConfig) -> list[torch.T
     return shards_to_hf(rule, [full], cfg)
 
 
-def shards_to_hf(rule: Rule, shards: list[torch.Tensor], cfg: Qwen2_5_VLConfig,
-                 dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+def shards_to_hf(rule: Rule, shards: list[torch.Tensor], cfg: Qwen2_5_VLConfig) -> list[torch.Tensor]:
     """All TP ranks' Megatron shards (in rank order; vocab rows padded or not) -> the HF tensor(s)."""
-    outs = [torch.empty(shape, dtype=dtype or shards[0].dtype, device=shards[0].device)
+    outs = [torch.empty(shape, dtype=shards[0].dtype, device=shards[0].device)
             for shape in hf_shapes(rule, tuple(shards[0].shape), len(shards), cfg)]
     for tp_rank, local in enumerate(shards):
         write_hf_shard(rule, local, tp_rank, len(shards), cfg, outs)
@@ -167,9 +174,10 @@ def hf_shapes(rule: Rule, shard_shape: tuple[int, ...], tp_size: int, cfg: Qwen2
     if rule.layout == "conv_linear":
         v = cfg.vision
         return [(shard_shape[0], v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)]
-    if rule.shard == "replicated" or (rule.shard == "row" and len(shard_shape) == 1):
+    dim = split_dim(rule, len(shard_shape))
+    if dim is None:
         return [tuple(shard_shape)]
-    if rule.shard == "row":
+    if dim == 1:
         return [(shard_shape[0], shard_shape[1] * tp_size, *shard_shape[2:])]
     if rule.shard == "vocab":
         return [(cfg.vocab_size, *rest)]
@@ -177,7 +185,7 @@ def hf_shapes(rule: Rule, shard_shape: tuple[int, ...], tp_size: int, cfg: Qwen2
     if rule.layout == "gate_up":
         return [(rows // 2, *rest)] * 2
     if rule.layout == "qkv":
-        heads, groups, head_dim = _heads(cfg, rule.scope)
+        heads, groups, head_dim = head_counts(cfg, rule.scope)
         return [(heads * head_dim, *rest), (groups * head_dim, *rest), (groups * head_dim, *rest)]
     return [(rows, *rest)]
 
@@ -188,11 +196,12 @@ def write_hf_shard(rule: Rule, local: torch.Tensor, tp_rank: int, tp_size: int, 
     (contiguous, shapes from `hf_shapes`; e.g. views of a transfer buffer, cast on copy). Every rank
     writes a disjoint part (a tensor every rank holds whole: rank 0 writes it), so the ranks together
     fill `outs` exactly, in any order, with no temporary."""
-    if rule.shard == "replicated" or (rule.shard == "row" and local.dim() == 1):
+    dim = split_dim(rule, local.dim())
+    if dim is None:
         if tp_rank == 0:
             outs[0].view(local.shape).copy_(local)  # conv_linear: the Conv3d weight viewed as the linear one
         return
-    if rule.shard == "row":
+    if dim == 1:
         n = local.shape[1]
         outs[0][:, tp_rank * n:(tp_rank + 1) * n].copy_(local)
         return
@@ -210,7 +219,7 @@ def write_hf_shard(rule: Rule, local: torch.Tensor, tp_rank: int, tp_size: int, 
         outs[0][tp_rank * n:(tp_rank + 1) * n].copy_(local)
         return
     # qkv: the shard holds KV groups [r*g, (r+1)*g), each [its q heads; k; v]
-    heads, groups, head_dim = _heads(cfg, rule.scope)
+    heads, groups, head_dim = head_counts(cfg, rule.scope)
     per_group, local_groups, rest = heads // groups, groups // tp_size, local.shape[1:]
     parts = local.reshape(local_groups, (per_group + 2) * head_dim, *rest).split(
         [per_group * head_dim, head_dim, head_dim], dim=1)
@@ -229,15 +238,13 @@ def padded_vocab_size(vocab_size: int, tp_size: int, divisible_by: int = 128) ->
 
 def shard(rule: Rule, full: torch.Tensor, tp_rank: int, tp_size: int, padded_vocab: int | None = None) -> torch.Tensor:
     """Megatron full tensor -> this TP rank's local shard (contiguous)."""
-    if rule.shard == "replicated":
+    dim = split_dim(rule, full.dim())
+    if dim is None:
         return full.contiguous()
     if rule.shard == "vocab":
         if padded_vocab is None or padded_vocab < full.shape[0]:
             raise ValueError(f"{rule.megatron}: padded_vocab {padded_vocab} must be >= vocab {full.shape[0]}")
         full = torch.cat([full, full.new_zeros(padded_vocab - full.shape[0], *full.shape[1:])])
-    dim = 1 if rule.shard == "row" and full.dim() > 1 else 0
-    if rule.shard == "row" and full.dim() == 1:  # a row-parallel bias is replicated
-        return full.contiguous()
     if full.shape[dim] % tp_size:
         raise ValueError(f"{rule.megatron}: dim {dim} of size {full.shape[dim]} not divisible by tp {tp_size}")
     if rule.layout == "gate_up":
@@ -247,9 +254,9 @@ def shard(rule: Rule, full: torch.Tensor, tp_rank: int, tp_size: int, padded_voc
 
 def unshard(rule: Rule, shards: list[torch.Tensor], true_vocab: int | None = None) -> torch.Tensor:
     """All TP ranks' shards (in rank order) -> the Megatron full tensor (vocab padding removed)."""
-    if rule.shard == "replicated" or (rule.shard == "row" and shards[0].dim() == 1):
+    dim = split_dim(rule, shards[0].dim())
+    if dim is None:
         return shards[0]
-    dim = 1 if rule.shard == "row" else 0
     if rule.layout == "gate_up":
         halves = [s.chunk(2, dim) for s in shards]
         return torch.cat([torch.cat([h[j] for h in halves], dim) for j in (0, 1)], dim)
