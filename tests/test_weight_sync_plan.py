@@ -11,7 +11,7 @@ from megatron_papo.models.qwen2_5_vl.flavors import get_flavor
 from megatron_papo.models.qwen2_5_vl.model import ModelParallelOptions, build_model
 from megatron_papo.parallel import destroy_model_parallel, initialize_model_parallel
 from megatron_papo.rollout.engine import RolloutEngine
-from megatron_papo.rollout.packing import ALIGN, SharedBuffer
+from megatron_papo.rollout.packing import ALIGN
 from megatron_papo.rollout.vllm_engine import vllm_load_group
 from megatron_papo.rollout.weight_sync import SyncGroups, WeightSync, WeightSyncConfig
 
@@ -22,25 +22,19 @@ class RecordingEngine(RolloutEngine):
     load_group = staticmethod(vllm_load_group)
 
     def __init__(self):
-        self.buffer: SharedBuffer | None = None
         self.loads: list[list[str]] = []
         self.tensors: dict[str, torch.Tensor] = {}
         self.resets = 0
 
-    def weight_buffer(self, nbytes):
-        if self.buffer is None or self.buffer.nbytes < nbytes:
-            self.buffer = SharedBuffer(nbytes)
-        return self.buffer
-
     def load_packed(self, entries):
         self.loads.append([e.name for e in entries])
+        buffer = self.weight_buffer(0).bytes
         for e in entries:
-            self.tensors[e.name] = e.view(self.buffer.bytes).clone()
+            self.tensors[e.name] = e.view(buffer).clone()
 
     def reset_caches(self):
         self.resets += 1
-        self.buffer.close()
-        self.buffer = None
+        self.release_weight_buffer()
 
     def generate(self, requests, sampling, step=0):
         raise NotImplementedError("not used here")

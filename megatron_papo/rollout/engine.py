@@ -87,9 +87,20 @@ class RolloutEngine(abc.ABC):
                  step: int = 0) -> list[list[RolloutSample]]:
         """n samples for each request: result[prompt_index][sample_index]."""
 
-    @abc.abstractmethod
+    _weight_buffer: SharedBuffer | None = None
+
     def weight_buffer(self, nbytes: int) -> SharedBuffer:
-        """The buffer `load_packed` reads, at least `nbytes` long (contents are not kept when it grows)."""
+        """The buffer `load_packed` reads, at least `nbytes` long (contents are not kept when it
+        grows); kept for the whole update, released by `release_weight_buffer` (in reset_caches)."""
+        if self._weight_buffer is None or self._weight_buffer.nbytes < nbytes:
+            self.release_weight_buffer()
+            self._weight_buffer = SharedBuffer(nbytes)
+        return self._weight_buffer
+
+    def release_weight_buffer(self) -> None:
+        if self._weight_buffer is not None:
+            self._weight_buffer.close()
+            self._weight_buffer = None
 
     @abc.abstractmethod
     def load_packed(self, entries: list[PackedTensor]) -> None:

@@ -31,7 +31,7 @@ import torch
 from megatron_papo.lifetime import exit_when_process_ends, this_process
 
 from .engine import RolloutEngine, RolloutRequest, RolloutSample, SamplingConfig, sample_seed
-from .packing import PackedTensor, SharedBuffer, packed_end
+from .packing import PackedTensor, packed_end
 
 
 @dataclass
@@ -52,8 +52,6 @@ class VLLMEngineConfig:
     sleep_level: int = 1                  # GPU only: 1 = offload weights to host (needed when some are not re-sent,
                                           # e.g. a frozen vision tower), 2 = discard them (all are re-sent)
     cpu_kv_cache_space_gib: int = 1       # CPU only: KV cache size (vLLM's default would take ~19 GiB)
-    log_level: str = "WARNING"            # vLLM's own logging (VLLM_LOGGING_LEVEL, which wins when set);
-                                          # INFO adds its start-up report and a line per weight update
 
 
 def _on_cpu() -> bool:
@@ -67,7 +65,9 @@ def _device_options(cfg: VLLMEngineConfig) -> dict[str, Any]:
     # run in child processes (spawned on CPU: the launching script needs an
     # `if __name__ == "__main__"` guard). Elsewhere (tests, tools) they run in this process.
     in_training_world = torch.distributed.is_available() and torch.distributed.is_initialized()
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", cfg.log_level)
+    # vLLM at INFO logs lines at every weight update; the trainer prints one line per step. Set
+    # VLLM_LOGGING_LEVEL=INFO to see vLLM's start-up report and those lines.
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if in_training_world else "0"
     if _on_cpu():
         if cfg.tensor_parallel_size != 1:
@@ -132,10 +132,9 @@ class WorkerWeightLoader:
         from vllm.config import set_current_vllm_config
         from vllm.model_executor.model_loader.reload.layerwise import LAYERWISE_INFO
 
-        size = max(start + nbytes for _, _, _, start, nbytes in index)
-        flat = torch.from_file(path, shared=False, size=size, dtype=torch.uint8)  # mapped, copy-on-write
-        weights = [(name, flat[start:start + nbytes].view(getattr(torch, dtype)).view(shape))
-                   for name, dtype, shape, start, nbytes in index]
+        entries = [PackedTensor(name, getattr(torch, dtype), tuple(shape), offset) for name, dtype, shape, offset in index]
+        flat = torch.from_file(path, shared=False, size=packed_end(entries), dtype=torch.uint8)  # mapped, copy-on-write
+        weights = [(e.name, e.view(flat)) for e in entries]
         with set_current_vllm_config(self.vllm_config):
             self.get_model().load_weights(weights)
         # A module is processed (CPU: weights repacked) once all its elements arrived, which a
@@ -177,7 +176,6 @@ class VLLMEngine(RolloutEngine):
 
         self.cfg = cfg
         self._asleep = False
-        self._transfer: SharedBuffer | None = None  # weight_buffer(): shared memory, kept until reset_caches
         self._updating = False  # load_packed called, reset_caches not yet: vLLM's reload is open
         self.llm = vllm.LLM(
             model=cfg.model_path,
@@ -240,23 +238,17 @@ class VLLMEngine(RolloutEngine):
     # ---- weights ----
     load_group = staticmethod(vllm_load_group)
 
-    def weight_buffer(self, nbytes: int) -> SharedBuffer:
-        if self._transfer is None or self._transfer.nbytes < nbytes:
-            self._release_transfer_buffer()
-            self._transfer = SharedBuffer(nbytes)
-        return self._transfer
-
     def load_packed(self, entries: list[PackedTensor]) -> None:
         """One RPC: the workers map the weight buffer's file and load the entries from it."""
         if not entries:
             return
-        if self._transfer is None or self._transfer.nbytes < packed_end(entries):
+        if self._weight_buffer is None or self._weight_buffer.nbytes < packed_end(entries):
             raise ValueError("load_packed: the entries lie outside weight_buffer(); ask for a buffer that holds them")
-        index = [[e.name, str(e.dtype).removeprefix("torch."), list(e.shape), e.offset, e.nbytes] for e in entries]
+        index = [[e.name, str(e.dtype).removeprefix("torch."), list(e.shape), e.offset] for e in entries]
         if not self._updating:
             self.llm.collective_rpc("begin_weight_update")
             self._updating = True
-        self.llm.collective_rpc("load_packed_weights", args=(index, self._transfer.path))
+        self.llm.collective_rpc("load_packed_weights", args=(index, self._weight_buffer.path))
 
     def load_weights_from_folder(self, path: str) -> None:
         """Reload every weight from an HF safetensors folder (the disk route; benchmarks compare
@@ -269,18 +261,13 @@ class VLLMEngine(RolloutEngine):
         if self._updating:
             self.llm.collective_rpc("end_weight_update")
             self._updating = False
-        self._release_transfer_buffer()
+        self.release_weight_buffer()
         self.llm.reset_prefix_cache()
         self.llm.llm_engine.reset_encoder_cache()
 
-    def _release_transfer_buffer(self) -> None:
-        if self._transfer is not None:
-            self._transfer.close()
-            self._transfer = None
-
     def close(self) -> None:
         """Stop the engine core (and its child process, if any)."""
-        self._release_transfer_buffer()
+        self.release_weight_buffer()
         self.llm.llm_engine.engine_core.shutdown()
 
     # ---- memory between phases ----
