@@ -74,9 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         folder = hf_folder_for(ckpt, Path(tmp))
         trained = json.loads((folder / "preprocessor_config.json").read_text()).get("size", {})
+        defaults = ProcessorConfig()
         processor = VLProcessor.from_config(ProcessorConfig(
-            tokenizer_path=str(folder), min_pixels=args.min_pixels or trained.get("shortest_edge", 256 * 28 * 28),
-            max_pixels=args.max_pixels or trained.get("longest_edge", 1280 * 28 * 28)))
+            tokenizer_path=str(folder), min_pixels=args.min_pixels or trained.get("shortest_edge", defaults.min_pixels),
+            max_pixels=args.max_pixels or trained.get("longest_edge", defaults.max_pixels)))
         config = json.loads((folder / "config.json").read_text())
         engine = VLLMEngine(VLLMEngineConfig(model_path=str(folder), dtype=args.dtype, seed=args.seed,
                                              max_model_len=min(4096 + args.max_new_tokens,

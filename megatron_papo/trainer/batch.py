@@ -52,8 +52,13 @@ class MicroBatch:
     ref_logp: torch.Tensor | None = None
     mask_logp: torch.Tensor | None = None
     position_ids: torch.Tensor | None = None  # [3, B, S] mrope positions (set by the model side)
-    image_token_id: int = -1                  # the model's image-pad id (set by the model side)
     extra: dict = field(default_factory=dict)
+
+    @property
+    def prompt_mask(self) -> torch.Tensor:
+        """[B, S] bool: True on prompt tokens (where images enter and count for the rope)."""
+        steps = torch.arange(self.input_ids.shape[1], device=self.input_ids.device)
+        return steps[None, :] < self.prompt_lengths[:, None]
 
     @property
     def num_response_tokens(self) -> int:

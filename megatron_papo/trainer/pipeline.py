@@ -26,26 +26,23 @@ def add_position_ids(mb: MicroBatch, model_cfg) -> MicroBatch:
     vLLM's and transformers' decoding, even if the model emitted an image-pad id."""
     if mb.position_ids is None:
         grid = mb.image_grid_thw if mb.image_grid_thw.numel() else None
-        steps = torch.arange(mb.input_ids.shape[1])
-        in_prompt = steps[None, :] < mb.prompt_lengths[:, None]
+        in_prompt = mb.prompt_mask
         positions, deltas = mrope_position_ids(mb.input_ids, grid, model_cfg.image_token_id,
                                                model_cfg.vision.spatial_merge_size, in_prompt)
-        generated = (steps[None, :] + deltas).expand(3, -1, -1)
+        generated = (torch.arange(mb.input_ids.shape[1])[None, :] + deltas).expand(3, -1, -1)
         mb.position_ids = torch.where(in_prompt, positions, generated)
-    mb.image_token_id = model_cfg.image_token_id
     return mb
 
 
 IMAGE_BRANCHES = ("real", "masked", "both")
 
 
-def model_inputs(mb: MicroBatch, images: str) -> tuple:
+def model_inputs(mb: MicroBatch, images: str, image_token_id: int) -> tuple:
     """(input_ids, position_ids, pixel_values, image_grid_thw, image_mask) for one branch of the micro-batch:
     the real images, the masked ones, or "both" = the batch twice, [real; masked] (the exact PAPO
     modes need both branches' full logits in one forward; logits then come as [2B, S, V/TP])."""
     has_images = mb.image_grid_thw.numel() > 0
-    in_prompt = torch.arange(mb.input_ids.shape[1], device=mb.input_ids.device)[None, :] < mb.prompt_lengths[:, None]
-    image_mask = (mb.input_ids == mb.image_token_id) & in_prompt  # generated image-pad ids stay tokens
+    image_mask = (mb.input_ids == image_token_id) & mb.prompt_mask  # generated image-pad ids stay tokens
     if images == "both":
         ids, pos = torch.cat([mb.input_ids, mb.input_ids]), torch.cat([mb.position_ids, mb.position_ids], dim=1)
         pixels = torch.cat([mb.pixel_values, mb.masked_pixel_values]) if has_images else None
@@ -77,7 +74,7 @@ def run_micro_batches(model_chunks: list[torch.nn.Module], micro_batches: list[M
 
     def forward_step(data_iterator, model):
         mb = next(data_iterator)
-        ids, pos, pixels, grid, image_mask = model_inputs(mb, images)
+        ids, pos, pixels, grid, image_mask = model_inputs(mb, images, model_cfg.image_token_id)
         # right padding + causal attention: real tokens never attend to padding, so no mask is needed
         return model(ids, pos, None, pixels, grid, image_mask), partial(loss_func, mb)
 
