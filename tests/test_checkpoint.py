@@ -6,13 +6,27 @@ import signal
 import subprocess
 import sys
 
+import psutil
+
 from megatron_papo.trainer.checkpoint import CheckpointConfig, find_resume_checkpoint, is_complete
 from tests.distributed import REPO
 
 
-def _run(mode: str, out) -> tuple[int, str]:
-    """Run the worker in its own process group; after it exits (or is killed) the group goes too:
-    dist_checkpointing's writer processes would otherwise outlive a SIGKILLed parent."""
+def _group(pgid: int) -> list[psutil.Process]:
+    members = []
+    for p in psutil.process_iter():
+        try:
+            if os.getpgid(p.pid) == pgid:
+                members.append(p)
+        except (ProcessLookupError, psutil.Error):
+            pass
+    return members
+
+
+def _run(mode: str, out) -> tuple[int, str, list]:
+    """Run the worker in its own process group. Returns (exit code, log, the group's processes still
+    alive 30 s after the worker ended): megatron-core's checkpoint-writer queue manager must exit
+    with a SIGKILLed worker (megatron_papo.lifetime). Whatever is left is killed afterwards."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), PYTHONWARNINGS="ignore")
     log = out / f"{mode}.log"
     with open(log, "w") as f:
@@ -20,17 +34,19 @@ def _run(mode: str, out) -> tuple[int, str]:
                                 cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             rc = proc.wait(timeout=300)
+            _, left = psutil.wait_procs(_group(proc.pid), timeout=30)
         finally:
             try:
                 os.killpg(proc.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-    return rc, log.read_text()
+    return rc, log.read_text(), left
 
 
 def test_sigkill_during_save_keeps_previous_checkpoint(tmp_path):
-    rc, log = _run("save", tmp_path)
+    rc, log, left = _run("save", tmp_path)
     assert rc == -signal.SIGKILL, log[-4000:]
+    assert not left, f"processes outlived the killed worker: {[p.cmdline() for p in left]}"
     checksum = re.search(r"saved step 1 checksum=(\S+)", log).group(1)
     ckpts = tmp_path / "checkpoints"
     assert (ckpts / "latest").read_text().strip() == "1"
@@ -39,6 +55,6 @@ def test_sigkill_during_save_keeps_previous_checkpoint(tmp_path):
     # `latest` lost too (e.g. a kill between rename and pointer update): the newest complete one wins
     (ckpts / "latest").unlink()
     assert find_resume_checkpoint(CheckpointConfig(save_dir=str(ckpts))) == ckpts / "step_00000001"
-    rc, log = _run("load", tmp_path)
-    assert rc == 0, log[-4000:]
+    rc, log, left = _run("load", tmp_path)
+    assert rc == 0 and not left, log[-4000:]
     assert f"resumed step 1 checksum={checksum}" in log
