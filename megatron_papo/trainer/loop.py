@@ -210,7 +210,7 @@ class Trainer:
     @torch.no_grad()
     def exp_logprobs(self, exps, model_chunks, attr: str, *, masked: bool, temperature: float) -> None:
         chunks = make_micro_batches(exps, self.cfg.micro_batch_size, self.cfg.micro_batch_tokens)
-        mbs = [collate(c, pad_id=self.model_cfg.bos_token_id) for c in chunks]
+        mbs = [self._collate(c) for c in chunks]
 
         def on_logits(mb, logits):
             logp = vocab_parallel_logprob(logits, mb.targets, self.tp_group, temperature, self.model_cfg.vocab_size)
@@ -244,7 +244,7 @@ class Trainer:
         cfg, algo = self.cfg, self.cfg.algo
         by_tokens = cfg.micro_batch_tokens if algo.loss_agg_mode == "global_token_mean" else 0
         chunks = make_micro_batches(exps, cfg.micro_batch_size, by_tokens)
-        mbs = [collate(c, pad_id=self.model_cfg.bos_token_id) for c in chunks]
+        mbs = [self._collate(c) for c in chunks]
         exact = algo.perception_mode == "exact" or algo.entropy_mode == "exact"
         # exact terms of the masked branch need its full logits: [real; masked] in one forward
         both = (algo.perception_mode == "exact" and algo.gamma > 0) or (algo.entropy_mode == "exact" and algo.eta2 > 0)
@@ -301,7 +301,7 @@ class Trainer:
                                        response_ids=target, pixel_values=enc.pixel_values,
                                        masked_pixel_values=enc.pixel_values, image_grid_thw=enc.image_grid_thw,
                                        rollout_logp=[]))
-            mbs = [collate(c, pad_id=self.model_cfg.bos_token_id) for c in make_micro_batches(exps, cfg.micro_batch_size)]
+            mbs = [self._collate(c) for c in make_micro_batches(exps, cfg.micro_batch_size)]
 
             def on_logits(mb, logits):
                 logp = vocab_parallel_logprob(logits, mb.targets, self.tp_group, 1.0, self.model_cfg.vocab_size)
@@ -320,6 +320,11 @@ class Trainer:
         bar.close()
 
     # ------------------------------------------------------------------ helpers
+    def _collate(self, exps: list[Experience]):
+        # sequence parallel splits the sequence over the TP ranks: pad it to a multiple of TP
+        multiple = self.cfg.parallel.tp if self.cfg.parallel.sequence_parallel else 1
+        return collate(exps, pad_id=self.model_cfg.bos_token_id, pad_to_multiple=multiple)
+
     def _from_last_stage(self, metrics: dict) -> dict:
         """Mean of the last stage's metrics over DP replicas, on every rank (same keys everywhere)."""
         contributes = self.last_stage and parallel_state.get_tensor_model_parallel_rank() == 0
