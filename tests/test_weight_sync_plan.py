@@ -9,9 +9,9 @@ import torch
 from megatron_papo.models.qwen2_5_vl.checkpoint_io import gather_hf_tensors, param_rules
 from megatron_papo.models.qwen2_5_vl.flavors import get_flavor
 from megatron_papo.models.qwen2_5_vl.model import ModelParallelOptions, build_model
-from megatron_papo.parallel import destroy_model_parallel, initialize_model_parallel
+from megatron_papo.parallel import ParallelContext, destroy_model_parallel, initialize_model_parallel
 from megatron_papo.rollout.engine import RolloutEngine
-from megatron_papo.rollout.packing import ALIGN
+from megatron_papo.rollout.packing import ALIGN, map_shared, packed_end
 from megatron_papo.rollout.vllm_engine import vllm_load_group
 from megatron_papo.rollout.weight_sync import SyncGroups, WeightSync, WeightSyncConfig
 
@@ -26,9 +26,9 @@ class RecordingEngine(RolloutEngine):
         self.tensors: dict[str, torch.Tensor] = {}
         self.resets = 0
 
-    def load_packed(self, entries):
+    def load_packed(self, entries, source=None):
         self.loads.append([e.name for e in entries])
-        buffer = self.weight_buffer(0).bytes
+        buffer = map_shared(source, packed_end(entries)) if source else self.weight_buffer(0).bytes
         for e in entries:
             self.tensors[e.name] = e.view(buffer).clone()
 
@@ -36,7 +36,7 @@ class RecordingEngine(RolloutEngine):
         self.resets += 1
         self.release_weight_buffer()
 
-    def generate(self, requests, sampling, step=0):
+    def generate(self, requests, sampling, step=0, prompt_indices=None):
         raise NotImplementedError("not used here")
 
 
@@ -50,7 +50,7 @@ def model():
 
 def test_plan_keeps_load_groups_whole_and_raises_the_bucket_to_the_largest(model):
     cfg, m = model
-    sync = WeightSync(cfg, SyncGroups.from_parallel_state(), WeightSyncConfig(bucket_mb=0.1), vllm_load_group)
+    sync = WeightSync(cfg, SyncGroups.from_context(ParallelContext.from_megatron()), WeightSyncConfig(bucket_mb=0.1), vllm_load_group)
     buckets, capacity = sync.plan(param_rules(m))
     groups: dict[str, int] = {}
     for b, bucket in enumerate(buckets):
@@ -65,7 +65,7 @@ def test_plan_keeps_load_groups_whole_and_raises_the_bucket_to_the_largest(model
     embed = cfg.vocab_size * cfg.hidden_size * 4  # the largest load group (fp32, one tensor)
     assert capacity == max(embed, int(0.1 * 2**20)) and len(buckets) > 3
     assert {"model.layers.0.self_attn.qkv_proj", "model.layers.0.mlp.gate_up_proj"} <= set(groups)
-    half, _ = WeightSync(cfg, SyncGroups.from_parallel_state(),
+    half, _ = WeightSync(cfg, SyncGroups.from_context(ParallelContext.from_megatron()),
                          WeightSyncConfig(bucket_mb=0.1, transfer_dtype=torch.bfloat16), vllm_load_group).plan(param_rules(m))
     assert sum(e.nbytes for b in half for i in b for e in i.entries) * 2 == \
         sum(e.nbytes for b in buckets for i in b for e in i.entries)
@@ -75,7 +75,7 @@ def test_plan_keeps_load_groups_whole_and_raises_the_bucket_to_the_largest(model
 def test_sync_delivers_the_hf_tensors_once_per_update(model, transfer_dtype):
     cfg, m = model
     engine = RecordingEngine()
-    sync = WeightSync(cfg, SyncGroups.from_parallel_state(),
+    sync = WeightSync(cfg, SyncGroups.from_context(ParallelContext.from_megatron()),
                       WeightSyncConfig(bucket_mb=0.2, transfer_dtype=transfer_dtype, freeze_vision=True), vllm_load_group)
     stats = sync.sync(param_rules(m), engine)
     expected = gather_hf_tensors(m)

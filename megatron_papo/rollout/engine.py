@@ -83,9 +83,11 @@ class RolloutEngine(abc.ABC):
     of loads followed by `reset_caches`; the buffer is reused across its loads and freed at the end."""
 
     @abc.abstractmethod
-    def generate(self, requests: list[RolloutRequest], sampling: SamplingConfig,
-                 step: int = 0) -> list[list[RolloutSample]]:
-        """n samples for each request: result[prompt_index][sample_index]."""
+    def generate(self, requests: list[RolloutRequest], sampling: SamplingConfig, step: int = 0,
+                 prompt_indices: list[int] | None = None) -> list[list[RolloutSample]]:
+        """n samples for each request: result[i][sample_index]. Sample k of request i is seeded by
+        (sampling.seed, step, prompt_indices[i], k) (default index: i), so a prompt's responses do
+        not depend on which engine or batch it is in."""
 
     _weight_buffer: SharedBuffer | None = None
 
@@ -103,10 +105,11 @@ class RolloutEngine(abc.ABC):
             self._weight_buffer = None
 
     @abc.abstractmethod
-    def load_packed(self, entries: list[PackedTensor]) -> None:
-        """Copy (a subset of) the weights in place from `weight_buffer()`; HF checkpoint names and
-        layouts. Tensors with the same `load_group` must come in the same call. Caches derived from
-        the old weights stay until reset_caches()."""
+    def load_packed(self, entries: list[PackedTensor], source: str | None = None) -> None:
+        """Copy (a subset of) the weights in place from `weight_buffer()`, or from the SharedBuffer
+        at path `source` (another process's on this host); HF checkpoint names and layouts. Tensors
+        with the same `load_group` must come in the same call. Caches derived from the old weights
+        stay until reset_caches()."""
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """`load_packed` for (HF name, tensor) pairs at hand: packed into the weight buffer first."""

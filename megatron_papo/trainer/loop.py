@@ -1,12 +1,14 @@
 """The PAPO training loop. Read `Trainer.rl_step` top to bottom: it is one RL step.
 
-    prompts+images -> rollout (vLLM, rank 0) -> rewards -> advantages (+ DAPO filter)
+    prompts+images -> rollout (vLLM engines on every rank) -> rewards -> advantages (+ DAPO filter)
     -> old / reference / masked log-probs (no grad) -> PPO update over minibatches
-    -> weight sync into vLLM -> metrics -> checkpoint
+    -> weight sync into the engines -> metrics -> checkpoint
 
 Every rank runs the same code. Data loading and encoding are deterministic, so each rank encodes
-the prompts itself; only the rollout's token ids and rewards are broadcast from rank 0. Per-token
-log-probs live on the last pipeline stage, where the loss is computed.
+the prompts itself. The rollout is split over the engines (parallel/context.py): each engine
+generates its share of the prompts, its ranks grade its responses between them, and the results
+are all-gathered, so every rank holds every experience. Per-token log-probs live on the last
+pipeline stage, where the loss is computed.
 """
 from __future__ import annotations
 
@@ -19,7 +21,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
 from tqdm import tqdm
 
 from megatron_papo.algos.advantages import (dynamic_sampling_keep, fill_with_informative_groups, grpo_advantages,
@@ -28,6 +29,7 @@ from megatron_papo.algos.losses import papo_loss, papo_loss_from_logits
 from megatron_papo.data.processor import VLProcessor
 from megatron_papo.data.rewards import get_reward_fn
 from megatron_papo.ops.vocab_parallel import vocab_parallel_logprob
+from megatron_papo.parallel.context import ParallelContext
 from megatron_papo.trainer import checkpoint as ckpt
 from megatron_papo.trainer.batch import Experience, collate, make_micro_batches, split_response_values
 from megatron_papo.trainer.config import TrainConfig
@@ -38,15 +40,16 @@ from megatron_papo.trainer.setup import (DataSource, RunState, build_engine, bui
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, with_engine: bool = True):
-        """with_engine=False builds everything but the rollout engine (benchmarks of the update)."""
+    def __init__(self, cfg: TrainConfig, ctx: ParallelContext | None = None, with_engine: bool = True):
+        """`ctx`: the job's layout (default: read from megatron-core, rollout.tp from cfg).
+        with_engine=False builds everything but the rollout engines (benchmarks of the update)."""
         self.cfg = cfg
+        self.ctx = ctx = ctx or ParallelContext.from_megatron(cfg.rollout.tp)
         self.out = Path(cfg.output_dir)
-        self.rank = dist.get_rank()
-        self.dp_rank = parallel_state.get_data_parallel_rank()
-        self.dp_size = parallel_state.get_data_parallel_world_size()
-        self.tp_group = parallel_state.get_tensor_model_parallel_group()
-        self.last_stage = parallel_state.is_pipeline_last_stage()
+        self.rank = ctx.rank
+        self.dp_rank, self.dp_size = ctx.dp_rank, ctx.dp
+        self.tp_group = ctx.tp_group
+        self.last_stage = ctx.is_last_stage
         self.models = build_models(cfg)          # policy (DDP-wrapped chunks), reference, model config
         self.model_cfg = self.models.model_cfg
         self.processor: VLProcessor = self.models.processor
@@ -59,8 +62,8 @@ class Trainer:
         if resume_from is not None:
             self._load(resume_from)
         self.metrics = MetricsLogger(self.out, cfg.monitor, enabled=self.rank == 0, resume_step=self.state.step)
-        self.engine = build_engine(cfg, self.models, self.out) if with_engine and self.rank == 0 else None
-        self.weight_sync = build_weight_sync(cfg, self.models)
+        self.engine = build_engine(cfg, self.models, self.out, ctx) if with_engine else None
+        self.weight_sync = build_weight_sync(cfg, self.models, ctx)
 
     # ------------------------------------------------------------------ the run
     def run(self) -> None:
@@ -110,6 +113,7 @@ class Trainer:
         with _timed(phases, "train"):
             train_metrics = self.update(mine)
         with _timed(phases, "sync"):
+            self.engine.wake_up()  # GPU: the engines slept through the update (docs/scaling.md)
             sync_weights(self.models, self.engine, self.weight_sync)
         tokens = sum(e.length for e in experiences)
         metrics = {**rollout_metrics, **mismatch, **train_metrics, "lr": self.optimizer.param_groups[0]["lr"],
@@ -152,23 +156,17 @@ class Trainer:
         }
 
     def _rollout_groups(self, samples, step: int, attempt: int) -> list[list[Experience]]:
-        """n responses per sample via the engine on rank 0; rewards graded there; broadcast."""
+        """n responses per sample: each engine generates its share of the prompts, its ranks grade
+        them, and every rank gets every group (module doc)."""
         cfg = self.cfg
         encoded = [self.processor.encode_sample(s, mask=cfg.mask) for s in samples]
         for s, enc in zip(samples, encoded):
             if len(enc.input_ids) > cfg.rollout.max_prompt_tokens:
                 raise ValueError(f"sample {s.sample_id}: prompt of {len(enc.input_ids)} tokens (image tokens included) "
                                  f"exceeds rollout.max_prompt_tokens={cfg.rollout.max_prompt_tokens}")
-        payload = [None]
-        if self.rank == 0:
-            outputs = self.engine.generate(rollout_requests(self.processor, samples), self.models.sampling(cfg),
-                                           step=step * 1000 + attempt)
-            payload = [[[(o.prompt_token_ids, o.response_token_ids, o.response_logprobs, o.finish_reason,
-                          self.reward_fn(self.processor.tokenizer.decode(o.response_token_ids, skip_special_tokens=True), s.answer, s.choices))
-                         for o in outs] for outs, s in zip(outputs, samples)]]
-        dist.broadcast_object_list(payload, src=0)
+        responses = self._generate_and_grade(samples, step * 1000 + attempt)
         groups = []
-        for gi, (s, enc, outs) in enumerate(zip(samples, encoded, payload[0])):
+        for gi, (s, enc, outs) in enumerate(zip(samples, encoded, responses)):
             group = []
             for prompt_ids, response_ids, logps, finish, reward in outs:
                 if prompt_ids != enc.input_ids.tolist():
@@ -183,6 +181,31 @@ class Trainer:
                     reward=reward.reward, accuracy=reward.accuracy, format_score=reward.format))
             groups.append(group)
         return groups
+
+    def _generate_and_grade(self, samples, seed_step: int) -> list[list[tuple]]:
+        """[prompt][k] = (prompt ids, response ids, log-probs, finish reason, reward), on every rank.
+        Seeds follow the global prompt index, so the responses do not depend on the engine count."""
+        topology = self.ctx.rollout
+        mine = topology.prompt_range(len(samples))
+        outputs = []
+        self.engine.wake_up()
+        if len(mine):  # all ranks of an engine skip together
+            outputs = self.engine.generate(rollout_requests(self.processor, [samples[i] for i in mine]),
+                                           self.models.sampling(self.cfg), step=seed_step, prompt_indices=list(mine))
+        self.engine.sleep()  # GPU: free the engine's memory for the log-prob passes and the update
+        graded = []
+        responses = [(i, k, o) for i, outs in zip(mine, outputs) for k, o in enumerate(outs)]
+        for i, k, o in responses[topology.engine_rank::topology.tp]:  # this engine's ranks share the grading
+            text = self.processor.tokenizer.decode(o.response_token_ids, skip_special_tokens=True)
+            reward = self.reward_fn(text, samples[i].answer, samples[i].choices)
+            graded.append((i, k, (o.prompt_token_ids, o.response_token_ids, o.response_logprobs, o.finish_reason,
+                                  reward)))
+        everyone = [None] * topology.world
+        dist.all_gather_object(everyone, graded)
+        result = [[None] * self.cfg.rollout.n for _ in samples]
+        for i, k, value in (g for part in everyone for g in part):
+            result[i][k] = value
+        return result
 
     def _my_share(self, experiences: list[Experience]) -> list[Experience]:
         """This DP rank's responses: minibatch k of the step gives rank d its d-th slice."""
@@ -254,8 +277,7 @@ class Trainer:
             # megatron divides each micro-batch loss by their number and DDP averages over DP:
             # undo both so the summed gradient is that of the global token mean.
             from megatron_papo.algos.losses import count_global_tokens
-            global_tokens = count_global_tokens([mb.response_mask for mb in mbs],
-                                                parallel_state.get_data_parallel_group())
+            global_tokens = count_global_tokens([mb.response_mask for mb in mbs], self.ctx.dp_group)
             scale = len(mbs) * self.dp_size
 
         def on_logits(mb, logits):
@@ -327,7 +349,7 @@ class Trainer:
 
     def _from_last_stage(self, metrics: dict) -> dict:
         """Mean of the last stage's metrics over DP replicas, on every rank (same keys everywhere)."""
-        contributes = self.last_stage and parallel_state.get_tensor_model_parallel_rank() == 0
+        contributes = self.last_stage and self.ctx.tp_rank == 0
         key_sets = [None] * dist.get_world_size()
         dist.all_gather_object(key_sets, sorted(metrics) if contributes else [])
         keys = sorted(set().union(*key_sets))

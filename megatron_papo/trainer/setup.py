@@ -9,7 +9,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
 
 from megatron_papo.data.dataset import PapoDataset, ResumableIterator
 from megatron_papo.data.processor import ProcessorConfig, VLProcessor
@@ -17,6 +16,7 @@ from megatron_papo.data.synthetic import SyntheticConfig, SyntheticShapes
 from megatron_papo.models.qwen2_5_vl.checkpoint_io import HFReader, load_dist_checkpoint, load_hf_weights, read_hf_config
 from megatron_papo.models.qwen2_5_vl.flavors import Qwen2_5_VLConfig, get_flavor
 from megatron_papo.models.qwen2_5_vl.model import ModelParallelOptions, build_model
+from megatron_papo.parallel.context import ParallelContext
 from megatron_papo.rollout.engine import RolloutRequest, SamplingConfig
 from megatron_papo.trainer.config import TrainConfig
 
@@ -200,23 +200,27 @@ def rollout_requests(processor: VLProcessor, samples) -> list[RolloutRequest]:
 
 
 # ------------------------------------------------------------------ rollout engine + weight sync
-def build_engine(cfg: TrainConfig, models: Models, out: Path):
+def build_engine(cfg: TrainConfig, models: Models, out: Path, ctx: ParallelContext):
+    """This rank's worker of its rollout engine; every rank builds at once (a collective)."""
     from megatron_papo.rollout.vllm_engine import VLLMEngine, VLLMEngineConfig
 
     folder = out / "rollout_model"  # config + tokenizer + processor; weights arrive by sync (dummy load)
-    models.write_model_files(folder)
+    if ctx.rank == 0:  # the output folder is shared by the job's hosts, as its checkpoints are
+        models.write_model_files(folder)
+    dist.barrier()
     r = cfg.rollout
     return VLLMEngine(VLLMEngineConfig(
-        model_path=str(folder), dtype=r.engine_dtype, max_model_len=r.max_prompt_tokens + r.max_new_tokens,
-        seed=cfg.seed, gpu_memory_utilization=r.gpu_memory_utilization, load_format="dummy"))
+        model_path=str(folder), dtype=r.engine_dtype, tensor_parallel_size=r.tp,
+        max_model_len=r.max_prompt_tokens + r.max_new_tokens, seed=cfg.seed,
+        gpu_memory_utilization=r.gpu_memory_utilization, load_format="dummy"))
 
 
-def build_weight_sync(cfg: TrainConfig, models: Models):
+def build_weight_sync(cfg: TrainConfig, models: Models, ctx: ParallelContext):
     from megatron_papo.rollout.vllm_engine import VLLMEngine
     from megatron_papo.rollout.weight_sync import SyncGroups, WeightSync, WeightSyncConfig
 
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[cfg.rollout.engine_dtype]
-    return WeightSync(models.model_cfg, SyncGroups.from_parallel_state(), WeightSyncConfig(
+    return WeightSync(models.model_cfg, SyncGroups.from_context(ctx), WeightSyncConfig(
         bucket_mb=cfg.rollout.bucket_mb, freeze_vision=cfg.model.freeze_vision, transfer_dtype=dtype),
         load_group=VLLMEngine.load_group)
 

@@ -1,12 +1,16 @@
-"""Worker (4 ranks, TP2 x PP2, gloo): Megatron -> vLLM weight sync; rank 0 hosts vLLM.
+"""Worker: Megatron -> vLLM weight sync into the rollout engines of a torchrun job.
 
-vLLM starts from one HF folder, Megatron loads another; after a sync vLLM's per-token log-probs
-of its own samples (multimodal prompts) must equal the Megatron model's on the same sequences.
-Then an optimizer step changes the Megatron weights, a second sync, and the same check. The first
-sync gathers TP shards through shared memory (all ranks share this host), the second with
-dist.all_gather. Finally the frozen-vision option: the vision tower is sent on the first sync only.
-Usage: rollout_sync.py ENGINE_HF_DIR TRAIN_HF_DIR
+Every rank hosts one worker of its vLLM engine (rollout TP r: world / r engines of r consecutive
+ranks, vLLM's external_launcher). vLLM starts from one HF folder, Megatron (train TP x PP, DP the
+rest) loads another; after a sync EVERY engine's per-token log-probs of its own samples (multimodal
+prompts) must equal the Megatron model's on the same sequences. Then an optimizer step changes the
+Megatron weights, a second sync by the other route, and the same check. Last, the frozen-vision
+option: the vision tower is sent on the first sync only, and the engines still agree after the
+partial reload. Greedy tokens of the train folder's weights go to OUT_JSON (the test compares
+layouts: a TP2 engine must give a TP1 engine's tokens).
+Usage: rollout_sync.py ENGINE_HF_DIR TRAIN_HF_DIR TRAIN_TP TRAIN_PP ROLLOUT_TP OUT_JSON
 """
+import json
 import sys
 from pathlib import Path
 
@@ -45,29 +49,30 @@ def response_logprobs(logits, samples):
     return out
 
 
-def main(engine_dir, train_dir):
+def main(engine_dir, train_dir, train_tp, train_pp, rollout_tp, out_json):
     import transformers
-    from megatron.core import parallel_state
     from rollout_common import random_image
 
     from megatron_papo.models.qwen2_5_vl import parity
     from megatron_papo.models.qwen2_5_vl.checkpoint_io import HFReader, load_hf_weights, param_rules, read_hf_config
     from megatron_papo.models.qwen2_5_vl.model import ModelParallelOptions, build_model
-    from megatron_papo.parallel import destroy_model_parallel, initialize_model_parallel
+    from megatron_papo.parallel import ParallelContext, destroy_model_parallel, initialize_model_parallel
     from megatron_papo.rollout.engine import RolloutRequest, SamplingConfig
+    from megatron_papo.rollout.vllm_engine import VLLMEngine, VLLMEngineConfig
     from megatron_papo.rollout.weight_sync import SyncGroups, WeightSync, WeightSyncConfig
 
-    initialize_model_parallel(tp=2, pp=2, seed=3)
-    rank = dist.get_rank()
+    initialize_model_parallel(tp=train_tp, pp=train_pp, seed=3)
+    ctx = ParallelContext.from_megatron(rollout_tp)
+    rank, topology = ctx.rank, ctx.rollout
     cfg = read_hf_config(train_dir)
-    model = build_model(cfg, ModelParallelOptions(tp=2, pp=2))
+    model = build_model(cfg, ModelParallelOptions(tp=train_tp, pp=train_pp))
     load_hf_weights(model, HFReader(train_dir))
-    is_last = parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
-
-    engine = None
-    if rank == 0:
-        from megatron_papo.rollout.vllm_engine import VLLMEngine, VLLMEngineConfig
-        engine = VLLMEngine(VLLMEngineConfig(model_path=engine_dir, dtype="float32", max_model_len=1024))
+    reports = ctx.is_last_stage and ctx.tp_rank == 0  # holds the full logits of its replica
+    torch.manual_seed(1234)
+    rng_before = torch.get_rng_state()
+    engine = VLLMEngine(VLLMEngineConfig(model_path=engine_dir, dtype="float32", max_model_len=1024,
+                                         tensor_parallel_size=rollout_tp))
+    assert torch.equal(torch.get_rng_state(), rng_before), "building the engine changed torch's RNG"
     processor = transformers.AutoImageProcessor.from_pretrained(engine_dir)
     images = [random_image(20), random_image(21)]
     special = {"im_start": 1022, "im_end": 1017, "v_start": cfg.vision_start_token_id, "pad": cfg.image_token_id,
@@ -77,9 +82,9 @@ def main(engine_dir, train_dir):
                 for i, im in enumerate(images)]
     sampling = SamplingConfig(n=2, temperature=1.0, max_new_tokens=8, seed=5)
     from megatron_papo.rollout.vllm_engine import vllm_load_group
-    syncers = [WeightSync(cfg, SyncGroups.from_parallel_state(),
-                          WeightSyncConfig(bucket_mb=BUCKET_MB, shared_memory_gather=shared), vllm_load_group)
-               for shared in (True, False)]
+    groups = SyncGroups.from_context(ctx)
+    syncers = [WeightSync(cfg, groups, WeightSyncConfig(bucket_mb=BUCKET_MB, shared_memory_gather=shared),
+                          vllm_load_group) for shared in (True, False)]
     reader = HFReader(train_dir)
     n_hf_tensors = len(reader.names())
     group_bytes = {}  # the largest load group, from the HF folder: what the bucket must rise to
@@ -88,30 +93,40 @@ def main(engine_dir, train_dir):
         group_bytes[vllm_load_group(name)] = group_bytes.get(vllm_load_group(name), 0) + -(
             -tensor.numel() * tensor.element_size() // 64) * 64
 
+    def generate_compare(step, sampling=sampling):
+        """Every engine generates the same requests (same seeds); each engine's samples are checked
+        against Megatron's log-probs. Returns engine 0's batch and samples."""
+        mine = engine.generate(requests, sampling, step=step)
+        everyone = [None] * topology.world
+        dist.all_gather_object(everyone, mine if topology.engine_rank == 0 else None)
+        per_engine = [everyone[e * topology.tp] for e in range(topology.engines)]
+        for e, samples in enumerate(per_engine):
+            batch = megatron_batch(cfg, samples, processor, images)
+            logits, _ = parity.run_model(model, batch)
+            if reports:
+                ours = response_logprobs(logits, samples)
+                theirs = [torch.tensor(s.response_logprobs) for p in samples for s in p]
+                diff = max((a - b).abs().max().item() for a, b in zip(ours, theirs))
+                if ctx.dp_rank == 0:
+                    print(f"step {step} engine {e}/{topology.engines}: vLLM vs Megatron per-token logprob "
+                          f"max|diff| = {diff:.2e} over {sum(len(t) for t in ours)} tokens", flush=True)
+                assert diff <= TOL, (e, diff)
+        return megatron_batch(cfg, per_engine[0], processor, images), per_engine
+
     def sync_generate_compare(step):
         stats = syncers[step].sync(param_rules(model), engine)
+        assert stats.route == ("shared_memory" if step == 0 else "broadcast"), stats.route
         capacities = [None] * dist.get_world_size()
         dist.all_gather_object(capacities, stats.capacity_bytes)
         assert max(capacities) == max(group_bytes.values()) > BUCKET_MB * 2**20, (capacities, max(group_bytes.values()))
+        # every engine worker was given every HF tensor, once
+        assert stats.tensors == n_hf_tensors == len(set(stats.names)), (stats.tensors, n_hf_tensors)
         if rank == 0:
-            assert stats.tensors == n_hf_tensors == len(set(stats.names)), (stats.tensors, n_hf_tensors)
-            print(f"sync {step} ({'shared-memory' if step == 0 else 'collective'} TP gather): {stats.tensors} tensors, {stats.bytes / 2**20:.2f} MiB, {stats.buckets} buckets, "
-                  f"{stats.seconds:.2f} s", flush=True)
-        box = [engine.generate(requests, sampling, step=step) if rank == 0 else None]
-        dist.broadcast_object_list(box, src=0)
-        samples = box[0]
-        batch = megatron_batch(cfg, samples, processor, images)
+            print(f"sync {step} ({stats.route}): {stats.tensors} tensors, {stats.bytes / 2**20:.2f} MiB per rollout "
+                  f"rank, {stats.buckets} buckets, {stats.seconds:.2f} s", flush=True)
+        batch, per_engine = generate_compare(step)
         logits, _ = parity.run_model(model, batch)
-        if is_last:
-            ours = response_logprobs(logits, samples)
-            theirs = [torch.tensor(s.response_logprobs) for p in samples for s in p]
-            diff = max((a - b).abs().max().item() for a, b in zip(ours, theirs))
-            if not diff <= TOL:
-                print("megatron", ours, "\nvllm", theirs, flush=True)
-            print(f"step {step}: vLLM vs Megatron per-token logprob max|diff| = {diff:.2e} "
-                  f"over {sum(len(t) for t in ours)} tokens", flush=True)
-            assert diff <= TOL, diff
-        return batch, samples, logits
+        return batch, per_engine[0], logits
 
     batch, samples, logits_before = sync_generate_compare(step=0)
 
@@ -122,7 +137,7 @@ def main(engine_dir, train_dir):
     parity.run_model(model, batch, loss_weight=weight)
     optimizer.step()
     logits_after, _ = parity.run_model(model, batch)
-    if is_last:
+    if reports:
         moved = max((a - b).abs().max().item() for a, b in
                     zip(response_logprobs(logits_after, samples), response_logprobs(logits_before, samples)))
         print(f"optimizer step moved the logprobs by {moved:.2e}", flush=True)
@@ -130,19 +145,26 @@ def main(engine_dir, train_dir):
     sync_generate_compare(step=1)
 
     # frozen vision tower: sent by the first sync only
-    frozen = WeightSync(cfg, SyncGroups.from_parallel_state(), WeightSyncConfig(bucket_mb=BUCKET_MB, freeze_vision=True),
-                        vllm_load_group)
+    frozen = WeightSync(cfg, groups, WeightSyncConfig(bucket_mb=BUCKET_MB, freeze_vision=True), vllm_load_group)
     first, second = frozen.sync(param_rules(model), engine), frozen.sync(param_rules(model), engine)
+    assert any(n.startswith("visual.") for n in first.names)
+    assert second.names and not any(n.startswith("visual.") for n in second.names)
     if rank == 0:
-        assert any(n.startswith("visual.") for n in first.names)
-        assert second.names and not any(n.startswith("visual.") for n in second.names)
         print(f"frozen vision: first sync {first.tensors} tensors, later syncs {second.tensors}", flush=True)
+    generate_compare(step=2)  # after the partial reload the engines still hold the policy's weights
+
+    # greedy tokens of the train folder's weights, for the cross-layout comparison in the test
+    load_hf_weights(model, HFReader(train_dir))
+    syncers[0].sync(param_rules(model), engine)
+    _, per_engine = generate_compare(step=3, sampling=SamplingConfig(n=1, temperature=0.0, max_new_tokens=8))
+    if rank == 0:
+        Path(out_json).write_text(json.dumps([[[s.response_token_ids for s in p] for p in samples]
+                                              for samples in per_engine]))
     dist.barrier()
-    if engine is not None:
-        engine.close()
+    engine.close()
     destroy_model_parallel()
     print(f"rank {rank} OK", flush=True)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1], sys.argv[2], *map(int, sys.argv[3:6]), sys.argv[6])
