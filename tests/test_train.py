@@ -1,9 +1,12 @@
 """The trainer end to end (vLLM rollouts, megatron-core updates, checkpoints):
 
-- one full RL step at TP2xPP2, and at DP2, equals the same step at TP1 (metrics and updated weights,
-  fp32);
-- a run killed with SIGKILL after step k and resumed with --resume auto reproduces the metrics and
-  weights of an uninterrupted run bitwise, and its vLLM engine processes do not outlive it;
+- one full RL step at TP2xPP2 (two TP2 engines), and at DP2 (two TP1 engines), equals the same step
+  at TP1 with one engine (metrics and updated weights, fp32);
+- two engines give the same responses and steps as one TP2 engine, with sequence parallel and
+  recompute on the latter;
+- a bad layout is one error line before anything is built;
+- a 2-rank job killed with SIGKILL after step k and resumed with --resume auto reproduces the
+  metrics and weights of an uninterrupted run bitwise, and none of its processes outlive it;
 - SIGTERM makes the run save and exit 0.
 
 Every run starts from the same tiny HF folder (random weights, the built-in tokenizer), so all
@@ -93,7 +96,7 @@ def _numeric(row: dict) -> dict:
 def test_rl_step_tp2pp2_and_dp2_equal_tp1(hf_dir, tmp_path):
     one, four = tmp_path / "tp1", tmp_path / "tp2pp2"
     _train(1, one, hf_dir, ["steps=1"])
-    _train(4, four, hf_dir, ["steps=1", "parallel.tp=2", "parallel.pp=2"])
+    _train(4, four, hf_dir, ["steps=1", "parallel.tp=2", "parallel.pp=2", "rollout.tp=2"])
     m1, m4 = _numeric(_metrics(one)[-1]), _numeric(_metrics(four)[-1])
     assert m1.keys() == m4.keys()
     for key in m1:
@@ -127,11 +130,11 @@ def test_rl_step_tp2pp2_and_dp2_equal_tp1(hf_dir, tmp_path):
     assert last.startswith("avg@2=") and last.endswith("samples=6"), last
 
 
-def _start(out: Path, hf_dir: Path, extra):
+def _start(out: Path, hf_dir: Path, extra, nproc: int = 1):
     """The run in the background, its output in a file (a pipe nobody reads would block it)."""
     out.mkdir(parents=True, exist_ok=True)
     log = out.parent / f"{out.name}.log"
-    proc = subprocess.Popen(_command(1, out, hf_dir, extra), cwd=REPO, env=_env(), stdout=open(log, "w"),
+    proc = subprocess.Popen(_command(nproc, out, hf_dir, extra), cwd=REPO, env=_env(), stdout=open(log, "w"),
                             stderr=subprocess.STDOUT)
     return proc, log
 
@@ -154,19 +157,29 @@ def _latest(out: Path) -> int:
 
 
 def test_resume_after_sigkill_is_bitwise_identical(hf_dir, tmp_path):
+    """Two ranks, two engines (rollout.tp=1 at training TP2). The whole job is SIGKILLed (launcher
+    and ranks, as when a node dies) after step k: no process of it survives (checkpoint writers end
+    with their rank; the engines live in the ranks) and it leaves nothing in /dev/shm. Resumed with
+    --resume auto, it reproduces an uninterrupted run's metrics and weights bitwise."""
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    _train(1, straight, hf_dir, ["steps=5"])
-    proc, log = _start(killed, hf_dir, ["steps=5"])
+    layout = ["steps=5", "parallel.tp=2", "rollout.tp=1"]
+    _train(2, straight, hf_dir, layout)
+    shm_before = set(os.listdir("/dev/shm"))
+    proc, log = _start(killed, hf_dir, layout, nproc=2)
     _wait_for(lambda: _latest(killed) >= 2, proc, log)
-    engine_processes = psutil.Process(proc.pid).children(recursive=True)  # vLLM's engine core
-    assert engine_processes
-    proc.send_signal(signal.SIGKILL)
+    launcher = psutil.Process(proc.pid)
+    ranks = launcher.children()
+    everything = launcher.children(recursive=True)
+    assert len(ranks) == 2
+    for p in [launcher, *ranks]:
+        p.send_signal(signal.SIGKILL)
     proc.wait()
-    _, alive = psutil.wait_procs(engine_processes, timeout=30)
-    assert not alive, f"the engine outlived the killed trainer: {alive}"
+    _, alive = psutil.wait_procs(everything, timeout=30)
+    assert not alive, f"processes of the killed job are still running: {alive}"
+    assert set(os.listdir("/dev/shm")) <= shm_before, set(os.listdir("/dev/shm")) - shm_before
     k = _latest(killed)
     assert 2 <= k < 5
-    log = _train(1, killed, hf_dir, ["steps=5"])
+    log = _train(2, killed, hf_dir, layout)
     assert f"resuming from {killed / 'checkpoints' / f'step_{k:08d}'}" in log
     a, b = _metrics(straight), _metrics(killed)
     assert [r["step"] for r in b] == [1, 2, 3, 4, 5]
@@ -221,18 +234,51 @@ def test_token_budget_micro_batches_give_the_same_update(hf_dir, tmp_path):
         torch.testing.assert_close(wb[k], wa[k], atol=1e-5, rtol=0, msg=k)
 
 
-def test_sequence_parallel_and_recompute_equal_plain_tp2(hf_dir, tmp_path):
-    """The 72B recipe's options: sequence parallel scatters the sequence over the TP ranks (so the
-    trainer pads every micro-batch to a multiple of TP; it crashed in the embedding before) and full
-    recompute re-runs each layer's forward in the backward. Neither may change a step's numbers."""
-    plain, sp = tmp_path / "tp2", tmp_path / "tp2_sp"
-    _train(2, plain, hf_dir, ["steps=1", "parallel.tp=2"])
-    _train(2, sp, hf_dir, ["steps=1", "parallel.tp=2", "parallel.sequence_parallel=true", "parallel.recompute=true"])
-    a, b = _numeric(_metrics(plain)[-1]), _numeric(_metrics(sp)[-1])
-    assert a.keys() == b.keys()
-    for key in a:
-        assert b[key] == pytest.approx(a[key], abs=1e-5), key
-    assert b["rollout_logp_diff"] < 1e-4
-    wa, wb = _weights(plain / "checkpoints" / "step_00000001"), _weights(sp / "checkpoints" / "step_00000001")
+def _rollouts(out: Path) -> list[list[dict]]:
+    return [[json.loads(line) for line in f.read_text().splitlines()]
+            for f in sorted((out / "rollouts").glob("step_*.jsonl"))]
+
+
+def test_two_engines_equal_one_tp2_engine_and_sequence_parallel_equals_plain(hf_dir, tmp_path):
+    """Two RL steps at training TP2, two ways: two TP1 engines (rollout.tp=1) and plain TP2, against
+    one TP2 engine (rollout.tp=2) with the 72B recipe's sequence parallel and full recompute. The
+    responses are the same token for token (seeds follow the global prompt index, not the engine),
+    and the steps' metrics and weights agree. Sequence parallel needs micro-batches padded to a
+    multiple of TP (the sequence lengths here are odd and even): it crashed in the embedding before."""
+    two, one = tmp_path / "two_engines", tmp_path / "one_tp2_engine_sp"
+    common = ["steps=2", "parallel.tp=2", "rollout.dump=true"]
+    _train(2, two, hf_dir, common + ["rollout.tp=1"])
+    _train(2, one, hf_dir, common + ["rollout.tp=2", "parallel.sequence_parallel=true", "parallel.recompute=true"])
+    assert _rollouts(two) == _rollouts(one) and len(_rollouts(two)) == 2
+    lengths = {len(e["response_ids"]) for step in _rollouts(two) for e in step}
+    assert len(lengths) > 1, "responses of one length would not test the padding"
+    for a, b in zip(_metrics(two), _metrics(one)):
+        a, b = _numeric(a), _numeric(b)
+        assert a.keys() == b.keys()
+        for key in a:
+            assert b[key] == pytest.approx(a[key], abs=1e-5), (a["step"], key)
+        assert a["rollout_logp_diff"] < 1e-4 and b["rollout_logp_diff"] < 1e-4
+    wa, wb = _weights(two / "checkpoints" / "step_00000002"), _weights(one / "checkpoints" / "step_00000002")
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], atol=1e-5, rtol=0, msg=k)
+
+
+@pytest.mark.parametrize("env, overrides, message", [
+    ({"WORLD_SIZE": "1"}, ["rollout.tp=2"], "rollout.tp=2 must divide the job's 1 ranks"),
+    ({"WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2"}, ["rollout.tp=4"], "cannot span hosts"),
+    ({"WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "4"}, ["rollout.tp=4"], "must divide the model's vision num_heads=2"),
+    ({"WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "4"}, ["parallel.tp=3"], "not divisible by parallel.tp * parallel.pp = 3 * 1"),
+])
+def test_bad_layout_is_one_error_line_before_anything_is_built(tmp_path, env, overrides, message):
+    """The layout is checked against the job's size (torchrun's variables) and the model before any
+    process group, model or engine exists: one `error:` line, exit 2, printed by rank 0 only."""
+    for rank in (0, 1):
+        proc = subprocess.run([sys.executable, "-m", "megatron_papo.train", f"output_dir={tmp_path}", *overrides],
+                              cwd=REPO, env={**_env(), **env, "RANK": str(rank)}, capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        if rank == 0:
+            assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and message in proc.stderr, proc.stderr
+        else:
+            assert proc.stderr.strip() == ""
+    assert not any(tmp_path.iterdir()), "nothing may be written before the layout is checked"

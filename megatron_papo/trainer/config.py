@@ -48,6 +48,7 @@ class RolloutConfig:
     gpu_memory_utilization: float = 0.5  # GPU: vLLM's share of memory while colocated with training
     bucket_mb: int = 256            # weight sync: bytes per bucket pushed into vLLM
     dynamic_sampling_max_tries: int = 4  # DAPO: extra rollout batches drawn to refill filtered groups
+    dump: bool = False              # write each step's responses (token ids, rewards) to output_dir/rollouts/
 
 
 @dataclass

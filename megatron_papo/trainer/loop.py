@@ -13,6 +13,7 @@ pipeline stage, where the loss is computed.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import time
@@ -102,6 +103,8 @@ class Trainer:
         cfg, phases = self.cfg, {}
         with _timed(phases, "rollout"):
             experiences, rollout_metrics = self.collect_experiences(step)
+        if cfg.rollout.dump and self.rank == 0:
+            self._dump_rollouts(step, experiences)
         mine = self._my_share(experiences)
         with _timed(phases, "logprobs"):
             self.compute_logprobs(mine)
@@ -342,6 +345,14 @@ class Trainer:
         bar.close()
 
     # ------------------------------------------------------------------ helpers
+    def _dump_rollouts(self, step: int, experiences: list[Experience]) -> None:
+        folder = self.out / "rollouts"
+        folder.mkdir(parents=True, exist_ok=True)
+        rows = [{"sample_id": e.sample_id, "group": e.group, "response_ids": e.response_ids, "reward": e.reward,
+                 "accuracy": e.accuracy, "finish_reason": e.finish_reason, "advantage": e.advantage}
+                for e in experiences]
+        (folder / f"step_{step:08d}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
     def _collate(self, exps: list[Experience]):
         # sequence parallel splits the sequence over the TP ranks: pad it to a multiple of TP
         multiple = self.cfg.parallel.tp if self.cfg.parallel.sequence_parallel else 1
