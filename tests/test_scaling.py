@@ -198,6 +198,8 @@ def test_doc_prose_numbers_are_computed():
         f"bf16 weights, {PUBLISHED_PARAM_COUNTS['72B'] * 2 / gb:.1f} GB for 72B",
         f"cannot hold {PUBLISHED_PARAM_COUNTS['72B'] * 2 / gb:.1f} GB on an 80 GB GPU",
         f"every rank receives all {PUBLISHED_PARAM_COUNTS['72B'] * 2 / gb:.1f} GB",
+        # the implemented broadcast route at TP8xPP4: each rank receives the other 3 of 4 stages
+        f"3/4 x {PUBLISHED_PARAM_COUNTS['72B'] * 2 / gb:.1f} = {0.75 * PUBLISHED_PARAM_COUNTS['72B'] * 2 / gb:.0f} GB",
         f"at most 90% of 80 GB = {0.9 * 80:.0f} GB; the 10% ({0.1 * 80:.0f} GB)",
     ]
     for phrase in phrases:

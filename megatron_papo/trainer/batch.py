@@ -36,6 +36,21 @@ class Experience:
     def length(self) -> int:
         return len(self.prompt_ids) + len(self.response_ids)
 
+    @classmethod
+    def from_encoded(cls, enc, response_ids: list[int], rollout_logp: list[float], patch_dim: int,
+                     **outcome) -> "Experience":
+        """The experience of an encoded prompt (data.processor.Encoded) and one response. A prompt
+        without images gets empty pixel tensors: its masked branch is the prompt itself (KL_prcp 0)."""
+        if enc.pixel_values is None:
+            pixels = masked = torch.zeros(0, patch_dim)
+            grid = torch.zeros(0, 3, dtype=torch.long)
+        else:
+            pixels, grid = enc.pixel_values, enc.image_grid_thw
+            masked = pixels if enc.pixel_values_masked is None else enc.pixel_values_masked
+        return cls(sample_id=enc.sample_id, prompt_ids=enc.input_ids.tolist(), response_ids=response_ids,
+                   pixel_values=pixels, masked_pixel_values=masked, image_grid_thw=grid, rollout_logp=rollout_logp,
+                   **outcome)
+
 
 @dataclass
 class MicroBatch:

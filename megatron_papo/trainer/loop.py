@@ -53,6 +53,8 @@ class Trainer:
         self.last_stage = ctx.is_last_stage
         self.models = build_models(cfg)          # policy (DDP-wrapped chunks), reference, model config
         self.model_cfg = self.models.model_cfg
+        v = self.model_cfg.vision
+        self.patch_dim = v.in_channels * v.temporal_patch_size * v.patch_size**2  # a pixel_values row
         self.processor: VLProcessor = self.models.processor
         self.data = DataSource(cfg)
         self.reward_fn = get_reward_fn("papo")
@@ -177,10 +179,8 @@ class Trainer:
                                        "trainer's processor (check min/max pixels in the engine's preprocessor_config)")
                 if not response_ids:  # an immediate stop: keep one EOS so the sequence has a target
                     response_ids, logps = [self.model_cfg.eos_token_id], [0.0]
-                group.append(Experience(
-                    sample_id=s.sample_id, group=gi, prompt_ids=prompt_ids, response_ids=response_ids,
-                    pixel_values=enc.pixel_values, masked_pixel_values=enc.pixel_values_masked,
-                    image_grid_thw=enc.image_grid_thw, rollout_logp=logps, finish_reason=finish,
+                group.append(Experience.from_encoded(
+                    enc, response_ids, logps, self.patch_dim, group=gi, finish_reason=finish,
                     reward=reward.reward, accuracy=reward.accuracy, format_score=reward.format))
             groups.append(group)
         return groups
@@ -322,10 +322,7 @@ class Trainer:
             for s in samples[self.dp_rank * per_rank: (self.dp_rank + 1) * per_rank]:
                 enc = self.processor.encode_sample(s)
                 target = self.processor.tokenizer(s.target, add_special_tokens=False)["input_ids"] + [self.model_cfg.eos_token_id]
-                exps.append(Experience(sample_id=s.sample_id, group=0, prompt_ids=enc.input_ids.tolist(),
-                                       response_ids=target, pixel_values=enc.pixel_values,
-                                       masked_pixel_values=enc.pixel_values, image_grid_thw=enc.image_grid_thw,
-                                       rollout_logp=[]))
+                exps.append(Experience.from_encoded(enc, target, [], self.patch_dim, group=0))
             mbs = [self._collate(c) for c in make_micro_batches(exps, cfg.micro_batch_size)]
 
             def on_logits(mb, logits):
