@@ -44,8 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = resolve_config(args.config, overrides)
     except (ConfigError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return _error(e)
     if args.print_config:
         print(dump_yaml(cfg))
         return 0
@@ -56,15 +55,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         check_layout(cfg)
     except (ConfigError, ValueError) as e:
-        if int(os.environ.get("RANK", 0)) == 0:
-            print(f"error: {e}", file=sys.stderr)
-        return 2
+        return _error(e)
     initialize_model_parallel(cfg.parallel.tp, cfg.parallel.pp, seed=cfg.seed)
     try:
         Trainer(cfg, ParallelContext.from_megatron(cfg.rollout.tp)).run()
     finally:
         destroy_model_parallel()
     return 0
+
+
+def _error(e: Exception) -> int:
+    """A configuration error: one line, from rank 0 only (every rank finds it), exit code 2."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"error: {e}", file=sys.stderr)
+    return 2
 
 
 def check_layout(cfg) -> None:
@@ -74,8 +78,15 @@ def check_layout(cfg) -> None:
     from megatron_papo.rollout.reshard import vllm_padded_vocab
     from megatron_papo.trainer.setup import model_config
 
+    import torch
+
     world = int(os.environ.get("WORLD_SIZE", 1))
     p = cfg.parallel
+    if not torch.cuda.is_available():
+        for name in ("bf16", "distributed_optimizer"):
+            if getattr(p, name):
+                raise ValueError(f"parallel.{name}=true needs CUDA: megatron-core's mixed-precision and distributed "
+                                 f"optimizers wrap CUDA tensors only (set parallel.{name}=false on CPU)")
     if world % (p.tp * p.pp):
         raise ValueError(f"the job's {world} ranks are not divisible by parallel.tp * parallel.pp = {p.tp} * {p.pp}")
     m = model_config(cfg)

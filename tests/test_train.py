@@ -263,22 +263,38 @@ def test_two_engines_equal_one_tp2_engine_and_sequence_parallel_equals_plain(hf_
         torch.testing.assert_close(wb[k], wa[k], atol=1e-5, rtol=0, msg=k)
 
 
-@pytest.mark.parametrize("env, overrides, message", [
+BAD_CONFIGS = [  # (environment, arguments, what the one error line says)
     ({"WORLD_SIZE": "1"}, ["rollout.tp=2"], "rollout.tp=2 must divide the job's 1 ranks"),
     ({"WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2"}, ["rollout.tp=4"], "cannot span hosts"),
     ({"WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "4"}, ["rollout.tp=4"], "must divide the model's vision num_heads=2"),
     ({"WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "4"}, ["parallel.tp=3"], "not divisible by parallel.tp * parallel.pp = 3 * 1"),
-])
-def test_bad_layout_is_one_error_line_before_anything_is_built(tmp_path, env, overrides, message):
-    """The layout is checked against the job's size (torchrun's variables) and the model before any
-    process group, model or engine exists: one `error:` line, exit 2, printed by rank 0 only."""
-    for rank in (0, 1):
-        proc = subprocess.run([sys.executable, "-m", "megatron_papo.train", f"output_dir={tmp_path}", *overrides],
+    ({}, ["parallel.bf16=true"], "parallel.bf16=true needs CUDA"),
+    ({}, ["parallel.distributed_optimizer=true"], "parallel.distributed_optimizer=true needs CUDA"),
+    ({}, ["model.flavor=huge"], "unknown flavor 'huge'"),
+    ({}, ["data.path=/nonexistent/train.parquet"], "data.path=/nonexistent/train.parquet: no such file"),
+    ({}, ["--resume", "/nonexistent"], "checkpoint.resume=/nonexistent: no such checkpoint directory"),
+    ({}, ["global_batch_size=0", "--print-config"], "global_batch_size must be >= 1, got 0"),
+    ({}, ["rollout.n=1"], "rollout.n must be >= 2"),
+    ({}, ["rollout.n=0"], "rollout.n must be >= 2"),
+    ({}, ["steps=-5"], "steps must be >= 0, got -5"),
+    ({}, ["preset=nope"], "unknown preset 'nope'"),
+]
+
+
+@pytest.mark.parametrize("env, arguments, message", BAD_CONFIGS, ids=[" ".join(a) for _, a, _ in BAD_CONFIGS])
+def test_bad_config_is_one_error_line_before_anything_is_built(tmp_path, env, arguments, message):
+    """The configuration, the layout (against torchrun's variables) and the model's sizes are checked
+    before any process group, model or engine exists: one `error:` line, exit 2, printed by rank 0
+    only (the other ranks find the same error and exit quietly); nothing is written."""
+    out = tmp_path / "run"
+    for rank in (0, 1) if env else (0,):
+        proc = subprocess.run([sys.executable, "-m", "megatron_papo.train", f"output_dir={out}", *arguments],
                               cwd=REPO, env={**_env(), **env, "RANK": str(rank)}, capture_output=True, text=True,
                               timeout=120)
         assert proc.returncode == 2, proc.stderr[-3000:]
         if rank == 0:
-            assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and message in proc.stderr, proc.stderr
+            assert len(proc.stderr.strip().splitlines()) == 1 and message in proc.stderr, proc.stderr
+            assert proc.stderr.startswith("error: ")
         else:
             assert proc.stderr.strip() == ""
-    assert not any(tmp_path.iterdir()), "nothing may be written before the layout is checked"
+    assert not out.exists(), "nothing may be written before the configuration is checked"

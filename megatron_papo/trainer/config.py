@@ -5,6 +5,7 @@ Sections owned elsewhere are reused, not repeated: the objective (algos.PAPOConf
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 from megatron_papo.algos.config import PAPOConfig
@@ -94,6 +95,22 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         """Cross-field checks, run once the whole config is read (fields are set one by one)."""
+        for name, value, low in (("steps", self.steps, 0), ("rollout_batch_size", self.rollout_batch_size, 1),
+                                 ("global_batch_size", self.global_batch_size, 1),
+                                 ("micro_batch_size", self.micro_batch_size, 1), ("ppo_epochs", self.ppo_epochs, 1),
+                                 ("sft_steps", self.sft_steps, 0), ("rollout.max_new_tokens", self.rollout.max_new_tokens, 1),
+                                 ("rollout.tp", self.rollout.tp, 1), ("parallel.tp", self.parallel.tp, 1),
+                                 ("parallel.pp", self.parallel.pp, 1)):
+            if value < low:
+                raise ValueError(f"{name} must be >= {low}, got {value}")
+        if self.rollout.n < 2:  # GRPO's advantage compares a prompt's responses with each other
+            raise ValueError(f"rollout.n must be >= 2 (group-relative advantages need several responses per "
+                             f"prompt), got {self.rollout.n}")
+        if self.data.path and not os.path.isfile(self.data.path):
+            raise ValueError(f"data.path={self.data.path}: no such file")
+        resume = self.checkpoint.resume
+        if resume not in ("auto", "none") and not os.path.isdir(resume):
+            raise ValueError(f"checkpoint.resume={resume}: no such checkpoint directory (or use auto / none)")
         if self.rollout_batch_size % self.global_batch_size:
             raise ValueError(f"rollout_batch_size {self.rollout_batch_size} must be a multiple of "
                              f"global_batch_size {self.global_batch_size}")
