@@ -203,6 +203,18 @@ def test_sigterm_saves_and_exits_zero(hf_dir, tmp_path):
     assert "checkpoint saved" in log
 
 
+def test_alarm_stops_every_rank(hf_dir, tmp_path):
+    """monitor.stop_on_alarm at 2 ranks: only rank 0 watches the alarm, so the ranks must agree to
+    stop (before, rank 0 saved and left while rank 1 entered the next step and waited forever). The
+    thresholds make the alarm fire as soon as it can, after step 2."""
+    out = tmp_path / "alarm"
+    log = _train(2, out, hf_dir, ["steps=5", "parallel.tp=2", "monitor.stop_on_alarm=true", "monitor.alarm_window=1",
+                                  "monitor.alarm_kl_factor=0", "monitor.alarm_entropy_rise=-10",
+                                  "checkpoint.save_interval=0"], timeout=400)
+    assert "stopping after step 2 (loss-hacking alarm); checkpoint saved" in log
+    assert [r["step"] for r in _metrics(out)] == [1, 2] and _latest(out) == 2
+
+
 def test_dapo_dynamic_sampling_refills_then_pads(hf_dir, tmp_path):
     """papo_d: groups with uniform accuracy are filtered and more prompts are drawn; a random model
     answers (almost) nothing right, so the run must use all its draws, then train on a padded batch."""

@@ -83,14 +83,15 @@ class Trainer:
         while self.state.step < cfg.steps:
             self.state.step += 1
             metrics, phases = self.rl_step(self.state.step)
-            alarm = self.metrics.log(self.state.step, metrics, phases)
-            stop = self.preemption.should_stop() or (alarm is not None and cfg.monitor.stop_on_alarm)
+            alarm = self.metrics.log(self.state.step, metrics, phases)  # rank 0 watches the alarm
+            stop_for_alarm = _agreed(alarm is not None and cfg.monitor.stop_on_alarm)  # every rank stops with it
+            stop = self.preemption.should_stop() or stop_for_alarm
             if stop or self.state.step == cfg.steps or (
                     cfg.checkpoint.save_interval and self.state.step % cfg.checkpoint.save_interval == 0):
                 self._save()
             if stop:
                 if self.rank == 0:
-                    why = "loss-hacking alarm" if alarm else f"signal {self.preemption.received}"
+                    why = "loss-hacking alarm" if stop_for_alarm else f"signal {self.preemption.received}"
                     print(f"stopping after step {self.state.step} ({why}); checkpoint saved", flush=True)
                 break
         plots = self.metrics.close()
@@ -378,6 +379,13 @@ class Trainer:
         train_state = ckpt.load_checkpoint(path, self.models.checkpoint_modules(), self.optimizer, self.scheduler)
         self.data.load_state_dict(train_state.pop("data"))
         self.state = RunState(**{k: v for k, v in train_state.items() if k in RunState.__dataclass_fields__})
+
+
+def _agreed(flag: bool) -> bool:
+    """True on every rank when `flag` is True on any rank (collective)."""
+    value = torch.tensor([int(flag)])
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
 
 
 @contextmanager
