@@ -1,4 +1,4 @@
-"""algos: the PAPO loss against PAPO_SPEC.md formulas worked out by hand, aggregation modes,
+"""algos: the PAPO loss against docs/papo.md formulas worked out by hand, aggregation modes,
 advantages and the DAPO filter, and the exact (logits) path against plain full-vocab torch."""
 import math
 
@@ -20,7 +20,7 @@ MSK = [[-2.0, -0.6, -1.4, -3.0], [-1.9, -0.8, -1.2, -0.4]]
 
 
 def hand_token_loss(logp, old, ref, msk, adv, gamma, eta1, eta2, beta, clip_low, clip_high, dual=3.0):
-    """One token of PAPO_SPEC.md's reference-mode loss, in plain Python floats."""
+    """One token of docs/papo.md's reference-mode loss, in plain Python floats."""
     def k3(a, b):
         x = min(max(b - a, -20.0), 20.0)
         return min(max(math.exp(x) - x - 1, -10.0), 10.0)
@@ -90,7 +90,7 @@ def test_policy_gradient_is_zero_exactly_where_clipped():
         assert logp.grad[b, t].item() == pytest.approx(-ADV[b] * RATIOS[b][t] / 7, rel=1e-10)
 
 
-# PAPO_SPEC.md preset table: gamma, eta1 = eta2, ref KL beta, clip low/high, dynamic sampling
+# docs/papo.md preset table: gamma, eta1 = eta2, ref KL beta, clip low/high, dynamic sampling
 SPEC_PRESETS = {
     "grpo": (0.0, 0.0, 0.01, 0.2, 0.3, False),
     "papo_g": (0.02, 0.0, 0.01, 0.2, 0.3, False),

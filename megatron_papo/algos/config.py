@@ -1,4 +1,4 @@
-"""The PAPO / GRPO / DAPO objective's options (names as in PAPO_SPEC.md)."""
+"""The PAPO / GRPO / DAPO objective's options (names as in docs/papo.md)."""
 from dataclasses import dataclass
 
 PERCEPTION_MODES = ("reference", "exact")

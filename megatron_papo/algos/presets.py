@@ -1,5 +1,5 @@
 """Named objective presets (grpo, papo_g, papo_h, dapo, papo_d): YAML files holding the values of
-the PAPO_SPEC.md preset table, in the repository's examples/configs/presets."""
+the docs/papo.md preset table, in the repository's examples/configs/presets."""
 import dataclasses
 from pathlib import Path
 

@@ -1,6 +1,6 @@
 """Seeded patch masking of images for PAPO's masked-image branch.
 
-Two methods (PAPO_SPEC.md, "The masked image"):
+Two methods (docs/papo.md, "The masked image"):
 
 - ``reference`` (:func:`mask_raw_image`, :func:`mask_raw_images`): on the raw uint8 HxWxC image,
   before any resize, walk a ``patch_size`` grid of pixel cells (row-major, edge cells partial) and

@@ -122,7 +122,7 @@ def stage_params(cfg: Qwen2_5_VLConfig, layout: Layout, vocab_multiple: int = 12
 # ---------------------------------------------------------------- memory per GPU
 @dataclass(frozen=True)
 class TrainingSetup:
-    """PAPO training settings the memory depends on (defaults: PAPO_SPEC.md on GPUs)."""
+    """PAPO training settings the memory depends on (defaults: docs/papo.md on GPUs)."""
     seq_len: int = 4096 + 2048         # max prompt + max response
     image_tokens: int = 1280           # merged image tokens (x merge^2 ViT patches)
     micro_batch: int = 1
