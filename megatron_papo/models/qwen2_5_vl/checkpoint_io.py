@@ -2,14 +2,13 @@
 
 All name/layout knowledge comes from hf_mapping; this module only moves tensors: HF safetensors ->
 this rank's shards (tensor by tensor), this rank's shards -> full HF tensors (TP all-gather), HF
-folders written in the hub layout, and atomic torch_dist checkpoints.
+folders written in the hub layout, and torch_dist checkpoints.
 """
 from __future__ import annotations
 
 import json
 import os
 import re
-import shutil
 from pathlib import Path
 from typing import Iterable
 
@@ -166,24 +165,6 @@ def write_hf_folder(out_dir: str | Path, cfg: Qwen2_5_VLConfig, tensors: Iterabl
 
 
 # ------------------------------------------------------------------ megatron dist checkpoints
-def save_dist_checkpoint(model, ckpt_dir: str | Path, hf_config: dict | None = None) -> None:
-    """torch_dist checkpoint of model.sharded_state_dict(), written to <ckpt>.tmp then renamed."""
-    ckpt_dir = Path(ckpt_dir)
-    tmp = ckpt_dir.with_name(ckpt_dir.name + ".tmp")
-    rank0 = dist.get_rank() == 0
-    if rank0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    dist.barrier()
-    dist_checkpointing.save(model.sharded_state_dict(), str(tmp))
-    dist.barrier()
-    if rank0:
-        write_checkpoint_metadata(model, tmp, hf_config)
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
-        os.replace(tmp, ckpt_dir)
-    dist.barrier()
-
-
 def write_checkpoint_metadata(model, folder: str | Path, hf_config: dict | None = None) -> None:
     """config.json (+ dtype) and the layout file next to a checkpoint: what tools need to read it."""
     dtype = str(model.opts.params_dtype).removeprefix("torch.")
@@ -219,7 +200,7 @@ def checkpoint_layout(ckpt_dir: str | Path) -> dict:
     """{tp, pp, padded_vocab_size, dtype} the checkpoint was written with."""
     path = Path(ckpt_dir) / LAYOUT_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: expected the layout file written by save_dist_checkpoint")
+        raise FileNotFoundError(f"{path}: expected the layout file written by write_checkpoint_metadata")
     return json.loads(path.read_text())
 
 
