@@ -1,5 +1,7 @@
 """HF -> Megatron (TP2xPP2, torch_dist) -> HF is bitwise identical; the TP2xPP2 checkpoint loads at
 TP1xPP2 with transformers' logits; verify_conversion.py passes on the HF folder at TP2xPP2."""
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -112,3 +114,47 @@ def test_converters_never_destroy_a_folder(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert (back / "model.safetensors.index.json").is_file() and not (back / "mine.txt").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["back", "broken", "busy", "hf"]
+
+
+def _eval(*args) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), VLLM_CPU_KVCACHE_SPACE="1",
+               VLLM_ENABLE_V1_MULTIPROCESSING="0", TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
+    return subprocess.run([sys.executable, "-m", "megatron_papo.eval", *map(str, args)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=400)
+
+
+def test_export_of_a_training_checkpoint_loads_and_evaluates(tmp_path):
+    """The HF export of a checkpoint holding what the trainer writes (Models.write_model_files:
+    tokenizer, chat template, image-processor config) loads in transformers (model, tokenizer,
+    processor) and runs through megatron_papo.eval; eval on a file without usable rows says so."""
+    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer, Qwen2_5_VLForConditionalGeneration
+    from transformers import Qwen2VLImageProcessor
+
+    from megatron_papo.data.tokenizer import save_tiny_tokenizer
+
+    hf_dir, ckpt, export = save_tiny_hf_folder(tmp_path / "hf"), tmp_path / "ckpt", tmp_path / "export"
+    r = _tool("tools/convert_hf_to_megatron.py", "--hf-dir", hf_dir, "--out", ckpt, "--dtype", "fp32")
+    assert r.returncode == 0, r.stderr[-3000:]
+    save_tiny_tokenizer(ckpt)  # what the trainer adds to every checkpoint
+    Qwen2VLImageProcessor(min_pixels=3136, max_pixels=12544).save_pretrained(ckpt)
+    r = _tool("tools/convert_megatron_to_hf.py", "--ckpt", ckpt, "--out", export)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    model, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(export, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    tok = AutoTokenizer.from_pretrained(export)
+    assert tok.convert_tokens_to_ids("<|image_pad|>") == model.config.image_token_id
+    chat = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert chat.endswith("<|im_start|>assistant\n"), chat
+    assert AutoImageProcessor.from_pretrained(export).size["shortest_edge"] == 3136
+    AutoProcessor.from_pretrained(export)  # what vLLM builds its multimodal processor from
+
+    ev = _eval("--ckpt", export, "--k", 2, "--limit", 2, "--max-new-tokens", 4, "--dtype", "float32")
+    assert ev.returncode == 0, ev.stderr[-4000:]
+    last = ev.stdout.strip().splitlines()[-1]
+    assert last.startswith("avg@2=") and last.endswith("samples=4"), last
+
+    bad = tmp_path / "bad.jsonl"  # one row without an answer: nothing to evaluate
+    bad.write_text(json.dumps({"problem": "<image>What colour?", "answer": "", "images": []}) + "\n")
+    ev = _eval("--ckpt", export, "--data", bad)
+    assert ev.returncode == 2 and f"--data {bad}: no usable rows" in ev.stderr, ev.stderr[-3000:]

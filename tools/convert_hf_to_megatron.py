@@ -5,7 +5,8 @@ Run it under torchrun with exactly TP*PP ranks (they may span nodes):
 Each rank builds only its (tp, pp) stage without initialising it, reads the HF safetensors one
 tensor at a time (keeping only its shard) and megatron's dist_checkpointing writes the shards; no
 process ever holds the whole model. The checkpoint loads at any TP/PP layout; C also gets the HF
-config.json. --out must be a new or empty folder (or --overwrite), never the HF folder or a folder
+config.json and its tokenizer, chat template and processor files (the export back to HF and
+megatron_papo.eval read them). --out must be a new or empty folder (or --overwrite), never the HF folder or a folder
 inside or around it; the checkpoint is written next to it and renamed to C when complete.
 """
 import argparse
@@ -37,8 +38,8 @@ def main(argv=None):
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
 
-    from megatron_papo.models.qwen2_5_vl.checkpoint_io import (HFReader, load_hf_weights, read_hf_config,
-                                                               write_checkpoint_metadata)
+    from megatron_papo.models.qwen2_5_vl.checkpoint_io import (HFReader, copy_model_files, load_hf_weights,
+                                                               read_hf_config, write_checkpoint_metadata)
     from megatron_papo.models.qwen2_5_vl.model import ModelParallelOptions, build_model
     from megatron_papo.parallel import destroy_model_parallel, initialize_model_parallel
 
@@ -60,6 +61,7 @@ def main(argv=None):
         dist_checkpointing.save(model.sharded_state_dict(), str(staging[0]))
         if rank0:
             write_checkpoint_metadata(model, staging[0], hf_config)
+            copy_model_files(args.hf_dir, staging[0])
     dist.barrier()
     if rank0:
         print(f"wrote {args.out} (tp={args.tp} pp={args.pp} dtype={args.dtype})")

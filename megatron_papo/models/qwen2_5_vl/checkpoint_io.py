@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Iterable
 
@@ -24,6 +25,13 @@ from megatron_papo.models.qwen2_5_vl.hf_mapping import Rule
 
 HF_CONFIG = "config.json"
 LAYOUT_FILE = "megatron_papo_layout.json"  # written next to a dist checkpoint: tp, pp, dtype
+# What transformers' and vLLM's loaders read besides config.json and the weights: tokenizer (any of
+# the HF formats), chat template, image/video processor, generation defaults. The trainer writes
+# some into every checkpoint; the converters carry them from folder to folder.
+MODEL_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+               "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json",
+               "preprocessor_config.json", "video_preprocessor_config.json", "processor_config.json",
+               "generation_config.json")
 
 
 def read_hf_config(hf_dir: str | Path) -> Qwen2_5_VLConfig:
@@ -162,6 +170,14 @@ def write_hf_folder(out_dir: str | Path, cfg: Qwen2_5_VLConfig, tensors: Iterabl
     hf = cfg.to_hf_dict()
     hf["torch_dtype"] = hf["dtype"] = str(dtype).removeprefix("torch.")
     (out_dir / HF_CONFIG).write_text(json.dumps(hf, indent=2))
+
+
+def copy_model_files(src: str | Path, dst: str | Path) -> list[str]:
+    """Copy the MODEL_FILES that `src` has into `dst`; returns their names."""
+    found = [name for name in MODEL_FILES if (Path(src) / name).is_file()]
+    for name in found:
+        shutil.copyfile(Path(src) / name, Path(dst) / name)
+    return found
 
 
 # ------------------------------------------------------------------ megatron dist checkpoints
