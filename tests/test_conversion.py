@@ -1,5 +1,7 @@
-"""HF -> Megatron (TP2xPP2, torch_dist) -> HF is bitwise identical; the TP2xPP2 checkpoint loads at
-TP1xPP2 with transformers' logits; verify_conversion.py passes on the HF folder at TP2xPP2."""
+"""The converters and verify_conversion.py: HF -> Megatron (one process, TP2xPP2 torch_dist) -> HF
+is bitwise identical; the checkpoint is megatron's own TP2xPP2 save and loads at TP2xPP2 and TP1;
+the converters never destroy a folder; an export holds what transformers, vLLM and the eval need;
+verify_conversion.py passes on the HF folder at TP2xPP2."""
 import json
 import os
 import subprocess
@@ -36,26 +38,53 @@ def _logit_diff(out: str) -> float:
     return float(last[-1].split("=", 1)[1])
 
 
-def test_round_trip_and_relayout(tmp_path):
+def test_one_process_conversion_round_trip_and_layouts(tmp_path):
+    """One plain process converts HF -> Megatron for TP2xPP2 (torchrun with 2 processes writes the
+    same files); Megatron -> HF gives back every tensor bitwise and the tokenizer and processor
+    files; the checkpoint is megatron's own TP2xPP2 save, chunk for chunk, and loads there with every
+    weight bitwise (4 ranks), and at TP1 with transformers' logits; verify_conversion run with the
+    wrong process count prints the torchrun line to use."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessor
+
+    from megatron_papo.data.tokenizer import save_tiny_tokenizer
+    from megatron_papo.models.qwen2_5_vl.checkpoint_io import MODEL_FILES
+
+    to_mcore = "tools/convert_hf_to_megatron.py"
     hf_dir = save_tiny_hf_folder(tmp_path / "hf")
-    ckpt, back = tmp_path / "ckpt", tmp_path / "back"
-    run_distributed("tools/convert_hf_to_megatron.py", 4, args=("--hf-dir", hf_dir, "--out", ckpt, "--tp", 2,
-                                                              "--pp", 2, "--dtype", "fp32"), timeout=300)
-    assert (ckpt / ".metadata").is_file() and not (tmp_path / "ckpt.tmp").exists()
-    subprocess.run([sys.executable, "tools/convert_megatron_to_hf.py", "--ckpt", str(ckpt), "--out", str(back)],
-                   cwd=REPO, check=True, timeout=300, capture_output=True,
-                   env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    save_tiny_tokenizer(hf_dir)
+    Qwen2VLImageProcessor(min_pixels=3136, max_pixels=12544).save_pretrained(hf_dir)
+    ckpt, shared, back = tmp_path / "ckpt", tmp_path / "ckpt_2proc", tmp_path / "back"
+    args = ("--hf-dir", hf_dir, "--tp", 2, "--pp", 2, "--dtype", "fp32")
+    r = _tool(to_mcore, *args, "--out", ckpt)
+    assert r.returncode == 0 and "memory per process: at most" in r.stdout, r.stderr[-3000:]
+    run_distributed(to_mcore, 2, args=(*args, "--out", shared), timeout=300)
+    one, two = _files(ckpt), _files(shared)
+    assert one.keys() == two.keys() and all(one[k] == two[k] for k in one if k != ".metadata")
+    md1, md2 = FileSystemReader(str(ckpt)).read_metadata(), FileSystemReader(str(shared)).read_metadata()
+    assert md1.state_dict_metadata == md2.state_dict_metadata and md1.storage_data == md2.storage_data
+
+    r = _tool("tools/convert_megatron_to_hf.py", "--ckpt", ckpt, "--out", back)
+    assert r.returncode == 0, r.stderr[-3000:]
     ref, got = _hf_tensors(hf_dir), _hf_tensors(back)
     assert sorted(ref) == sorted(got)
     for name in ref:
         assert ref[name].dtype == got[name].dtype and torch.equal(ref[name], got[name]), name
-    from transformers import Qwen2_5_VLForConditionalGeneration
+    carried = [name for name in MODEL_FILES if (hf_dir / name).is_file()]
+    assert {"tokenizer_config.json", "preprocessor_config.json"} <= set(carried)
+    for name in carried:
+        assert (back / name).read_bytes() == (hf_dir / name).read_bytes(), name
     _, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(back, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
 
-    out = run_distributed("tools/verify_conversion.py", 2, args=("--hf-dir", hf_dir, "--ckpt", ckpt, "--tp", 1,
-                                                               "--pp", 2), timeout=300)
-    assert _logit_diff(out) <= 1e-4
+    out = run_distributed("tests/dist/converted_checkpoint.py", 4, args=(hf_dir, ckpt, 2, 2, tmp_path / "scratch"),
+                          timeout=300)
+    assert "checkpoint matches megatron's own save at tp=2 pp=2" in out, out[-3000:]
+    r = _tool("tools/verify_conversion.py", "--hf-dir", hf_dir, "--ckpt", ckpt)  # TP1: one plain process
+    assert r.returncode == 0 and _logit_diff(r.stdout) <= 1e-4, r.stderr[-3000:]
+    r = _tool("tools/verify_conversion.py", "--hf-dir", hf_dir, "--ckpt", ckpt, "--tp", 2, "--pp", 2)
+    line = f"torchrun --nproc-per-node 4 tools/verify_conversion.py --hf-dir {hf_dir} --ckpt {ckpt} --tp 2 --pp 2"
+    assert r.returncode == 2 and line in r.stderr, r.stderr[-3000:]
 
 
 def test_verify_conversion_tp2_pp2(tmp_path):

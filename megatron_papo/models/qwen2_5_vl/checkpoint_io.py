@@ -64,11 +64,28 @@ class HFReader:
         return sorted(self.files)
 
     def get(self, hub_name: str) -> torch.Tensor:
-        if hub_name not in self.files:
-            raise KeyError(f"{self.dir}: tensor {hub_name!r} not in the checkpoint")
-        fname, key = self.files[hub_name]
+        fname, key = self._where(hub_name)
         with safe_open(self.dir / fname, "pt") as f:
             return f.get_tensor(key)
+
+    def meta(self, hub_name: str) -> torch.Tensor:
+        """The tensor's shape and dtype, as a meta tensor (the file header only is read)."""
+        fname, key = self._where(hub_name)
+        with safe_open(self.dir / fname, "pt") as f:
+            header = f.get_slice(key)
+            dtype = _SAFETENSORS_DTYPES.get(header.get_dtype())
+            if dtype is None:
+                raise ValueError(f"{self.dir / fname}: tensor {key} has dtype {header.get_dtype()}, expected one of "
+                                 f"{sorted(_SAFETENSORS_DTYPES)}")
+            return torch.empty(header.get_shape(), dtype=dtype, device="meta")
+
+    def _where(self, hub_name: str) -> tuple[str, str]:
+        if hub_name not in self.files:
+            raise KeyError(f"{self.dir}: tensor {hub_name!r} not in the checkpoint")
+        return self.files[hub_name]
+
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
 # ------------------------------------------------------------------ model param <-> rule
@@ -181,15 +198,22 @@ def copy_model_files(src: str | Path, dst: str | Path) -> list[str]:
 
 
 # ------------------------------------------------------------------ megatron dist checkpoints
-def write_checkpoint_metadata(model, folder: str | Path, hf_config: dict | None = None) -> None:
-    """config.json (+ dtype) and the layout file next to a checkpoint: what tools need to read it."""
-    dtype = str(model.opts.params_dtype).removeprefix("torch.")
-    hf = dict(hf_config or model.hf_config.to_hf_dict())
+def write_checkpoint_metadata(model, folder: str | Path) -> None:
+    """config.json (+ dtype) and the layout file next to a checkpoint of `model`: what tools need to read it."""
+    write_layout_files(folder, model.hf_config.to_hf_dict(), tp=model.opts.tp, pp=model.opts.pp,
+                       padded_vocab_size=model.padded_vocab_size, dtype=model.opts.params_dtype)
+
+
+def write_layout_files(folder: str | Path, hf_config: dict, tp: int, pp: int, padded_vocab_size: int,
+                       dtype: torch.dtype) -> None:
+    """config.json (`hf_config` + dtype) and the layout file (tp, pp, padded vocab, dtype)."""
+    dtype = str(dtype).removeprefix("torch.")
+    hf = dict(hf_config)
     hf.setdefault("torch_dtype", dtype)
     hf.setdefault("dtype", dtype)
     (Path(folder) / HF_CONFIG).write_text(json.dumps(hf, indent=2))
-    (Path(folder) / LAYOUT_FILE).write_text(json.dumps({"tp": model.opts.tp, "pp": model.opts.pp,
-                                                        "padded_vocab_size": model.padded_vocab_size, "dtype": dtype}))
+    (Path(folder) / LAYOUT_FILE).write_text(json.dumps({"tp": tp, "pp": pp, "padded_vocab_size": padded_vocab_size,
+                                                        "dtype": dtype}))
 
 
 def load_dist_checkpoint(model, ckpt_dir: str | Path) -> None:
@@ -216,7 +240,8 @@ def checkpoint_layout(ckpt_dir: str | Path) -> dict:
     """{tp, pp, padded_vocab_size, dtype} the checkpoint was written with."""
     path = Path(ckpt_dir) / LAYOUT_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: expected the layout file written by write_checkpoint_metadata")
+        raise FileNotFoundError(f"{path}: expected the layout file that the trainer and "
+                                f"tools/convert_hf_to_megatron.py write next to a checkpoint")
     return json.loads(path.read_text())
 
 
