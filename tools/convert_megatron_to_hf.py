@@ -4,9 +4,10 @@ trainer, at any TP/PP) back to a Hugging Face folder that transformers' from_pre
 Runs as one plain process (python tools/convert_megatron_to_hf.py --ckpt C --out D): it reads the
 checkpoint one layer at a time (full tensors, resharded by dist_checkpointing), converts them with
 hf_mapping and writes safetensors shards as they fill, so only one layer plus one output shard are
-in memory. The tokenizer, chat template and processor files of the checkpoint (or of --tokenizer-dir)
-go along, so transformers, vLLM and megatron_papo.eval load D as is. --out must be a new or empty folder (or --overwrite), never the checkpoint or a folder
-inside or around it; the export is written next to it and renamed to D when complete.
+in memory. The tokenizer, chat template and processor files of the checkpoint (or of
+--tokenizer-dir) go along, so transformers, vLLM and megatron_papo.eval load D as is. --out must be a
+new or empty folder (or --overwrite), never the checkpoint or a folder inside or around it; the
+export is written next to it and renamed to D when complete.
 """
 import argparse
 import sys
