@@ -21,14 +21,13 @@ def hf_folder_for(ckpt: Path, workdir: Path) -> Path:
     """An HF folder vLLM can load: `ckpt` itself, or a conversion of the Megatron checkpoint."""
     if any(ckpt.glob("*.safetensors")):
         return ckpt
-    from megatron_papo.models.qwen2_5_vl.checkpoint_io import iter_dist_checkpoint_as_hf, read_hf_config, write_hf_folder
+    from megatron_papo.models.qwen2_5_vl.checkpoint_io import (copy_model_files, iter_dist_checkpoint_as_hf,
+                                                               read_hf_config, write_hf_folder)
 
     cfg = read_hf_config(ckpt)
     out = workdir / "hf"
     write_hf_folder(out, cfg, iter_dist_checkpoint_as_hf(ckpt, cfg, show_progress=True))
-    for name in ckpt.iterdir():  # tokenizer and processor files travel along
-        if name.suffix in (".json", ".jinja", ".txt", ".model") and not (out / name.name).exists():
-            (out / name.name).write_bytes(name.read_bytes())
+    copy_model_files(ckpt, out)  # tokenizer and processor files travel along
     return out
 
 
@@ -71,8 +70,16 @@ def main(argv: list[str] | None = None) -> int:
     else:
         dataset = PapoDataset(DataConfig(path=args.data))
     samples = [s for s in (dataset[i] for i in range(min(args.limit, len(dataset)))) if s is not None]
+    if not samples:
+        why = dataset.stats.summary() if isinstance(dataset, PapoDataset) else f"--limit {args.limit}"
+        print(f"error: --data {args.data}: no usable rows to evaluate ({why})", file=sys.stderr)
+        return 2
     with tempfile.TemporaryDirectory() as tmp:
         folder = hf_folder_for(ckpt, Path(tmp))
+        if not (folder / "preprocessor_config.json").is_file():
+            print(f"error: --ckpt {ckpt}: no preprocessor_config.json (nor tokenizer files?); the trainer writes them "
+                  f"into every checkpoint, tools/convert_*.py carry them along", file=sys.stderr)
+            return 2
         trained = json.loads((folder / "preprocessor_config.json").read_text()).get("size", {})
         defaults = ProcessorConfig()
         processor = VLProcessor.from_config(ProcessorConfig(

@@ -2,12 +2,16 @@
 
     torchrun --nproc-per-node $((T*P)) tools/verify_conversion.py --hf-dir D [--ckpt C] --tp T --pp P [--tol 1e-4]
 
-Builds the Megatron model at TP=T, PP=P (fp32) from the HF folder D, or from the dist checkpoint C
-when given, runs a batch built from config.json alone (two samples, three images of different
-sizes, seeded text tokens; no tokenizer needed) and compares with transformers' fp32 forward of D.
+It runs the model, so it needs exactly T*P processes (one plain process when T = P = 1); with
+another count it exits 2 and prints the torchrun line to use. It builds the Megatron model at TP=T,
+PP=P (fp32) from the HF folder D, or from the dist checkpoint C when given, runs a batch built from
+config.json alone (two samples, three images of different sizes, seeded text tokens; no tokenizer
+needed) and compares with transformers' fp32 forward of D.
 The last line printed is `max_abs_logit_diff=<float>`; the exit code is 1 when it exceeds --tol.
 """
 import argparse
+import os
+import shlex
 import sys
 
 
@@ -20,6 +24,12 @@ def main(argv=None):
     parser.add_argument("--tol", type=float, default=1e-4)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world != args.tp * args.pp:
+        command = shlex.join(["torchrun", "--nproc-per-node", str(args.tp * args.pp), sys.argv[0],
+                              *map(str, sys.argv[1:] if argv is None else argv)])
+        parser.error(f"--tp {args.tp} --pp {args.pp} runs the model on exactly {args.tp * args.pp} processes, this "
+                     f"run has {world}; run:\n  {command}")
 
     import torch
     import torch.distributed as dist

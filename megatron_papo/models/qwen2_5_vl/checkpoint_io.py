@@ -2,7 +2,7 @@
 
 All name/layout knowledge comes from hf_mapping; this module only moves tensors: HF safetensors ->
 this rank's shards (tensor by tensor), this rank's shards -> full HF tensors (TP all-gather), HF
-folders written in the hub layout, and atomic torch_dist checkpoints.
+folders written in the hub layout, and torch_dist checkpoints.
 """
 from __future__ import annotations
 
@@ -25,6 +25,13 @@ from megatron_papo.models.qwen2_5_vl.hf_mapping import Rule
 
 HF_CONFIG = "config.json"
 LAYOUT_FILE = "megatron_papo_layout.json"  # written next to a dist checkpoint: tp, pp, dtype
+# What transformers' and vLLM's loaders read besides config.json and the weights: tokenizer (any of
+# the HF formats), chat template, image/video processor, generation defaults. The trainer writes
+# some into every checkpoint; the converters carry them from folder to folder.
+MODEL_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+               "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json",
+               "preprocessor_config.json", "video_preprocessor_config.json", "processor_config.json",
+               "generation_config.json")
 
 
 def read_hf_config(hf_dir: str | Path) -> Qwen2_5_VLConfig:
@@ -57,11 +64,28 @@ class HFReader:
         return sorted(self.files)
 
     def get(self, hub_name: str) -> torch.Tensor:
-        if hub_name not in self.files:
-            raise KeyError(f"{self.dir}: tensor {hub_name!r} not in the checkpoint")
-        fname, key = self.files[hub_name]
+        fname, key = self._where(hub_name)
         with safe_open(self.dir / fname, "pt") as f:
             return f.get_tensor(key)
+
+    def meta(self, hub_name: str) -> torch.Tensor:
+        """The tensor's shape and dtype, as a meta tensor (the file header only is read)."""
+        fname, key = self._where(hub_name)
+        with safe_open(self.dir / fname, "pt") as f:
+            header = f.get_slice(key)
+            dtype = _SAFETENSORS_DTYPES.get(header.get_dtype())
+            if dtype is None:
+                raise ValueError(f"{self.dir / fname}: tensor {key} has dtype {header.get_dtype()}, expected one of "
+                                 f"{sorted(_SAFETENSORS_DTYPES)}")
+            return torch.empty(header.get_shape(), dtype=dtype, device="meta")
+
+    def _where(self, hub_name: str) -> tuple[str, str]:
+        if hub_name not in self.files:
+            raise KeyError(f"{self.dir}: tensor {hub_name!r} not in the checkpoint")
+        return self.files[hub_name]
+
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
 # ------------------------------------------------------------------ model param <-> rule
@@ -165,34 +189,31 @@ def write_hf_folder(out_dir: str | Path, cfg: Qwen2_5_VLConfig, tensors: Iterabl
     (out_dir / HF_CONFIG).write_text(json.dumps(hf, indent=2))
 
 
+def copy_model_files(src: str | Path, dst: str | Path) -> list[str]:
+    """Copy the MODEL_FILES that `src` has into `dst`; returns their names."""
+    found = [name for name in MODEL_FILES if (Path(src) / name).is_file()]
+    for name in found:
+        shutil.copyfile(Path(src) / name, Path(dst) / name)
+    return found
+
+
 # ------------------------------------------------------------------ megatron dist checkpoints
-def save_dist_checkpoint(model, ckpt_dir: str | Path, hf_config: dict | None = None) -> None:
-    """torch_dist checkpoint of model.sharded_state_dict(), written to <ckpt>.tmp then renamed."""
-    ckpt_dir = Path(ckpt_dir)
-    tmp = ckpt_dir.with_name(ckpt_dir.name + ".tmp")
-    rank0 = dist.get_rank() == 0
-    if rank0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    dist.barrier()
-    dist_checkpointing.save(model.sharded_state_dict(), str(tmp))
-    dist.barrier()
-    if rank0:
-        write_checkpoint_metadata(model, tmp, hf_config)
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
-        os.replace(tmp, ckpt_dir)
-    dist.barrier()
+def write_checkpoint_metadata(model, folder: str | Path) -> None:
+    """config.json (+ dtype) and the layout file next to a checkpoint of `model`: what tools need to read it."""
+    write_layout_files(folder, model.hf_config.to_hf_dict(), tp=model.opts.tp, pp=model.opts.pp,
+                       padded_vocab_size=model.padded_vocab_size, dtype=model.opts.params_dtype)
 
 
-def write_checkpoint_metadata(model, folder: str | Path, hf_config: dict | None = None) -> None:
-    """config.json (+ dtype) and the layout file next to a checkpoint: what tools need to read it."""
-    dtype = str(model.opts.params_dtype).removeprefix("torch.")
-    hf = dict(hf_config or model.hf_config.to_hf_dict())
+def write_layout_files(folder: str | Path, hf_config: dict, tp: int, pp: int, padded_vocab_size: int,
+                       dtype: torch.dtype) -> None:
+    """config.json (`hf_config` + dtype) and the layout file (tp, pp, padded vocab, dtype)."""
+    dtype = str(dtype).removeprefix("torch.")
+    hf = dict(hf_config)
     hf.setdefault("torch_dtype", dtype)
     hf.setdefault("dtype", dtype)
     (Path(folder) / HF_CONFIG).write_text(json.dumps(hf, indent=2))
-    (Path(folder) / LAYOUT_FILE).write_text(json.dumps({"tp": model.opts.tp, "pp": model.opts.pp,
-                                                        "padded_vocab_size": model.padded_vocab_size, "dtype": dtype}))
+    (Path(folder) / LAYOUT_FILE).write_text(json.dumps({"tp": tp, "pp": pp, "padded_vocab_size": padded_vocab_size,
+                                                        "dtype": dtype}))
 
 
 def load_dist_checkpoint(model, ckpt_dir: str | Path) -> None:
@@ -219,7 +240,8 @@ def checkpoint_layout(ckpt_dir: str | Path) -> dict:
     """{tp, pp, padded_vocab_size, dtype} the checkpoint was written with."""
     path = Path(ckpt_dir) / LAYOUT_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: expected the layout file written by save_dist_checkpoint")
+        raise FileNotFoundError(f"{path}: expected the layout file that the trainer and "
+                                f"tools/convert_hf_to_megatron.py write next to a checkpoint")
     return json.loads(path.read_text())
 
 
