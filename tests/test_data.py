@@ -117,6 +117,44 @@ def test_bad_rows_skipped_and_counted(tmp_path, fmt):
     assert ds[2].sample_id == 10 and ds[2].prompt.startswith("<image>no placeholder")
 
 
+def test_invalid_text_is_a_bad_row_not_a_crash(tmp_path, processor):
+    """A lone UTF-16 surrogate (JSON "\ud800") or a line of invalid UTF-8 is one bad row, not a dead run."""
+    img = base64.b64encode(_png(56, 56)).decode()
+    ok = lambda problem, answer="1": json.dumps({"problem": problem, "answer": answer, "images": [img]}).encode()  # noqa: E731
+    lines = [
+        ok("<image>fine"),                                                   # 0 good
+        b'{"problem": "<image>lone \\ud800 surrogate", "answer": "1", "images": ["' + img.encode() + b'"]}',  # 1
+        b'{"problem": "<image>fine", "answer": "\\udfff", "images": ["' + img.encode() + b'"]}',               # 2
+        b'{"problem": "<image>caf\xe9 in latin-1", "answer": "1", "images": ["' + img.encode() + b'"]}',        # 3
+        ok("<image>also fine", "2"),                                         # 4 good
+    ]
+    path = tmp_path / "text.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    ds = PapoDataset(DataConfig(path=str(path)))
+    assert dict(ds.stats.counts) == {"invalid_text": 3} and ds.stats.rows["invalid_text"] == [1, 2, 3]
+    assert [ds[i].sample_id for i in range(len(ds))] == [0, 4]
+    for i in range(len(ds)):  # what survives goes through the tokenizer (the surrogate crashed it)
+        assert len(processor.encode_sample(ds[i]).input_ids) > 0
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_text_only_and_multi_image_rows_accepted(tmp_path, fmt, processor):
+    pngs = [_png(56, 56, 1), _png(84, 56, 2), _png(56, 112, 3)]
+    B = lambda b: {"bytes": b, "path": None}  # noqa: E731
+    rows = [{"problem": "What is 2+3?", "answer": "5", "images": []},
+            {"problem": "<image> vs <image> vs <image>: which is widest?", "answer": "C", "images": [B(p) for p in pngs]},
+            {"problem": "Name a prime.", "answer": "7", "images": None}]
+    ds = PapoDataset(DataConfig(path=_write(rows, tmp_path, fmt)))
+    assert len(ds) == 3 and ds.stats.total == 0
+    text, multi, text2 = ds[0], ds[1], ds[2]
+    assert text.images == [] and text2.images == [] and "<image>" not in text.prompt
+    assert [im.shape for im in multi.images] == [(56, 56, 3), (84, 56, 3), (56, 112, 3)]
+    np.testing.assert_array_equal(multi.images[2], _decode(pngs[2]))
+    enc = processor.encode_sample(text)
+    assert enc.pixel_values is None and len(enc.input_ids) > 0
+    assert processor.encode_sample(multi).image_grid_thw.shape == (3, 3)
+
+
 def test_unreadable_files_fail_with_their_name(tmp_path):
     missing = str(tmp_path / "nope.parquet")
     with pytest.raises(FileNotFoundError, match="nope.parquet"):

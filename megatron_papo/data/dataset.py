@@ -6,8 +6,8 @@ or absolute), or a `{"bytes": ..., "path": ...}` dict (bytes win when both are s
 bytes: there they are base64 strings, bare or as `{"bytes": "<base64>"}`; a bare string that names
 an existing file is a path.
 
-Bad rows (no answer, empty text, an image that does not decode, is absurdly small or large, or a
-placeholder count that does not match the images) are skipped, counted by reason and logged with
+Bad rows (no answer, empty text, text that is not valid UTF-8, an image that does not decode, is
+absurdly small or large, or a placeholder count that does not match the images) are skipped, counted by reason and logged with
 their row id; they never stop a run. A file that cannot be read is an error naming the file.
 """
 from __future__ import annotations
@@ -106,8 +106,12 @@ class ParquetRows:
         return set(self.table.column_names)
 
 
-def read_rows(path: str) -> "ParquetRows | list[dict]":
-    """The rows of a parquet or jsonl file (dicts); a clear error naming the file when unreadable."""
+def read_rows(path: str) -> "ParquetRows | list[dict | BadRow]":
+    """The rows of a parquet or jsonl file (dicts); a clear error naming the file when unreadable.
+
+    A jsonl line that is not valid UTF-8 comes back as a BadRow in its place (one bad row, not a
+    dead file); a line that is not JSON still fails the file (it is not a jsonl file then).
+    """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"data file {path} does not exist")
     ext = os.path.splitext(path)[1].lower()
@@ -120,9 +124,14 @@ def read_rows(path: str) -> "ParquetRows | list[dict]":
             raise ValueError(f"data file {path} is not a readable parquet file: {e}") from e
     if ext in (".jsonl", ".json"):
         rows = []
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
+        with open(path, "rb") as f:  # decoded line by line, so one bad line costs one row
+            for lineno, raw in enumerate(f, 1):
+                if not raw.strip():
+                    continue
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    rows.append(BadRow("invalid_text", f"line {lineno} is not valid UTF-8 ({e.reason} at byte {e.start})"))
                     continue
                 try:
                     row = json.loads(line)
@@ -172,6 +181,17 @@ def _read_image(image, folder: str, decode: bool):
         raise BadRow("undecodable_image", f"{type(e).__name__}: {e}") from None
 
 
+def _text(row: dict, key: str):
+    """row[key]; BadRow when it is a string the tokenizer cannot encode (a lone UTF-16 surrogate, e.g. JSON "\\ud800")."""
+    value = row.get(key)
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise BadRow("invalid_text", f"{key!r} has a lone UTF-16 surrogate (not valid Unicode text)") from None
+    return value
+
+
 def _decode_b64(value):
     """jsonl stores bytes as base64 strings inside {"bytes": ...}."""
     if isinstance(value, dict) and isinstance(value.get("bytes"), str):
@@ -195,13 +215,16 @@ class PapoDataset:
         self.folder = os.path.dirname(os.path.abspath(config.path))
         self.stats = SkipStats()
         self._rows = read_rows(config.path)
-        columns = self._rows.columns if isinstance(self._rows, ParquetRows) else set().union(*self._rows)
+        columns = (self._rows.columns if isinstance(self._rows, ParquetRows)
+                   else set().union(*(r for r in self._rows if isinstance(r, dict))))
         for key in (config.problem_key, config.answer_key):
-            if len(self._rows) and key not in columns:
+            if columns and key not in columns:  # (a file of only undecodable lines has no columns)
                 raise ValueError(f"data file {config.path} has no column {key!r}; columns: {sorted(columns)}")
         self._good: list[int] = []
         for i, row in enumerate(self._rows):
             try:
+                if isinstance(row, BadRow):  # read_rows could not even decode it
+                    raise row
                 self._check(row)
                 self._good.append(i)
             except BadRow as e:
@@ -221,7 +244,7 @@ class PapoDataset:
     def _check(self, row: dict) -> None:
         """Cheap checks at load time: text, answer, image headers (size) — no full decode."""
         c = self.config
-        problem, answer = row.get(c.problem_key), row.get(c.answer_key)
+        problem, answer = _text(row, c.problem_key), _text(row, c.answer_key)
         if answer is None or not str(answer).strip():
             raise BadRow("missing_answer", f"empty or missing {c.answer_key!r}")
         if not isinstance(problem, str) or not problem.replace(IMAGE_PLACEHOLDER, "").strip():
