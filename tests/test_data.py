@@ -2,7 +2,10 @@
 import base64
 import io
 import json
+import logging
 import os
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -18,6 +21,13 @@ def _png(h, w, seed=0) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def _png_header_only(w, h) -> bytes:
+    """A PNG that declares w x h RGB pixels and holds none: PIL reads its size, a decode fails."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)) + chunk(b"IEND", b"")
 
 
 def _decode(png: bytes) -> np.ndarray:
@@ -115,6 +125,103 @@ def test_bad_rows_skipped_and_counted(tmp_path, fmt):
     assert ds.stats.rows["undecodable_image"] == [3, 7] and ds.stats.counts["undecodable_image"] == 2
     assert "row" in ds.stats.summary() and "undecodable_image=2" in ds.stats.summary()
     assert ds[2].sample_id == 10 and ds[2].prompt.startswith("<image>no placeholder")
+
+
+def test_invalid_text_is_a_bad_row_not_a_crash(tmp_path, processor):
+    """A lone UTF-16 surrogate (JSON "\ud800") or a line of invalid UTF-8 is one bad row, not a dead run."""
+    img = base64.b64encode(_png(56, 56)).decode()
+    ok = lambda problem, answer="1": json.dumps({"problem": problem, "answer": answer, "images": [img]}).encode()  # noqa: E731
+    lines = [
+        ok("<image>fine"),                                                   # 0 good
+        b'{"problem": "<image>lone \\ud800 surrogate", "answer": "1", "images": ["' + img.encode() + b'"]}',  # 1
+        b'{"problem": "<image>fine", "answer": "\\udfff", "images": ["' + img.encode() + b'"]}',               # 2
+        b'{"problem": "<image>caf\xe9 in latin-1", "answer": "1", "images": ["' + img.encode() + b'"]}',        # 3
+        ok("<image>also fine", "2"),                                         # 4 good
+    ]
+    path = tmp_path / "text.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    ds = PapoDataset(DataConfig(path=str(path)))
+    assert dict(ds.stats.counts) == {"invalid_text": 3} and ds.stats.rows["invalid_text"] == [1, 2, 3]
+    assert [ds[i].sample_id for i in range(len(ds))] == [0, 4]
+    for i in range(len(ds)):  # what survives goes through the tokenizer (the surrogate crashed it)
+        assert len(processor.encode_sample(ds[i]).input_ids) > 0
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_text_only_and_multi_image_rows_accepted(tmp_path, fmt, processor):
+    pngs = [_png(56, 56, 1), _png(84, 56, 2), _png(56, 112, 3)]
+    B = lambda b: {"bytes": b, "path": None}  # noqa: E731
+    rows = [{"problem": "What is 2+3?", "answer": "5", "images": []},
+            {"problem": "<image> vs <image> vs <image>: which is widest?", "answer": "C", "images": [B(p) for p in pngs]},
+            {"problem": "Name a prime.", "answer": "7", "images": None}]
+    ds = PapoDataset(DataConfig(path=_write(rows, tmp_path, fmt)))
+    assert len(ds) == 3 and ds.stats.total == 0
+    text, multi, text2 = ds[0], ds[1], ds[2]
+    assert text.images == [] and text2.images == [] and "<image>" not in text.prompt
+    assert [im.shape for im in multi.images] == [(56, 56, 3), (84, 56, 3), (56, 112, 3)]
+    np.testing.assert_array_equal(multi.images[2], _decode(pngs[2]))
+    enc = processor.encode_sample(text)
+    assert enc.pixel_values is None and len(enc.input_ids) > 0
+    assert processor.encode_sample(multi).image_grid_thw.shape == (3, 3)
+
+
+def test_skip_accounting_is_visible_once(tmp_path, capsys, caplog, monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    B = lambda b: {"bytes": b, "path": None}  # noqa: E731
+    rows = [{"problem": "<image>ok", "answer": "1", "images": [B(_png(56, 56))]},
+            {"problem": "<image>no answer", "answer": None, "images": [B(_png(56, 56))]},
+            {"problem": "<image>truncated", "answer": "2", "images": [B(_png(84, 84, 3)[:200])]}]  # fails on decode
+    path = _write(rows, tmp_path, "parquet")
+    with caplog.at_level(logging.WARNING, logger="megatron_papo.data.dataset"):
+        ds = PapoDataset(DataConfig(path=path))
+        it = ResumableIterator(ds, seed=0)
+        assert [s.sample_id for s in it.take(6)] == [0] * 6  # six epochs: the truncated row is met six times
+    # the summary is a plain line on stderr (logging is never configured), printed once
+    err = capsys.readouterr().err
+    assert err.count("good rows") == 1 and "data.parquet: 2 good rows" in err and "missing_answer=1 (rows [1])" in err
+    warned = [r.getMessage() for r in caplog.records if "row 2 skipped" in r.getMessage()]
+    assert len(warned) == 1, warned  # warned once, not once per epoch
+    # counts the trainer logs as metrics
+    assert it.skip_metrics() == {"data/skipped_rows": 2, "data/skipped/missing_answer": 1,
+                                 "data/skipped/undecodable_image": 1}
+    assert ds.skip_metrics() == it.skip_metrics()
+    assert ResumableIterator(SyntheticShapes(SyntheticConfig(num_samples=2))).skip_metrics() == {}
+    # every rank reads the same file: only rank 0 prints the load report
+    monkeypatch.setenv("RANK", "1")
+    PapoDataset(DataConfig(path=path))
+    assert "good rows" not in capsys.readouterr().err
+
+
+def test_parquet_binary_text_is_decoded(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    problems = [b"What is 2+2?", "caf\u00e9 \u2014 how many?".encode(), b"bad \xff byte"]
+    table = pa.table({"problem": pa.array(problems, pa.binary()), "answer": pa.array([b"4", b"3", b"1"], pa.binary())})
+    pq.write_table(table, tmp_path / "bin.parquet")
+    ds = PapoDataset(DataConfig(path=str(tmp_path / "bin.parquet")))
+    assert dict(ds.stats.counts) == {"invalid_text": 1} and ds.stats.rows["invalid_text"] == [2]
+    assert "What is 2+2?" in ds[0].prompt and ds[0].answer == "4"
+    assert "caf\u00e9 \u2014 how many?" in ds[1].prompt and ds[1].answer == "3"
+
+
+def test_decompression_bomb_rejected_from_its_header(tmp_path):
+    buf = io.BytesIO()
+    Image.new("1", (10_000, 10_000)).save(buf, format="PNG")  # 1-bit, all black: 12 KB on disk
+    bomb = buf.getvalue()  # 300 MB once decoded to RGB; under the old 1e8-pixel default
+    (tmp_path / "later.png").write_bytes(_png(56, 56))
+    rows = [{"problem": "<image>bomb", "answer": "1", "images": [{"bytes": bomb, "path": None}]},
+            {"problem": "<image>fine for now", "answer": "2", "images": [{"bytes": None, "path": "later.png"}]}]
+    ds = PapoDataset(DataConfig(path=_write(rows, tmp_path, "parquet")))
+    assert dict(ds.stats.counts) == {"image_too_large": 1} and ds.stats.rows["image_too_large"] == [0] and len(ds) == 1
+    # the file changes after the load-time check into one whose header declares 10000x10000 and holds no
+    # pixels: load() reads the header before decoding, so this is image_too_large (a decode: undecodable_image)
+    (tmp_path / "later.png").write_bytes(_png_header_only(10_000, 10_000))
+    assert ds[0] is None and ds.stats.rows["image_too_large"] == [0, 1]
+    # the default bound follows the processor's (see DataConfig.max_image_pixels for the factor)
+    from megatron_papo.data.processor import ProcessorConfig
+
+    assert DataConfig().max_image_pixels == 16 * ProcessorConfig().max_pixels
 
 
 def test_unreadable_files_fail_with_their_name(tmp_path):

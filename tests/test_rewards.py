@@ -27,10 +27,24 @@ RIGHT = [  # (answer inside \boxed{}, ground truth)
     ("(B)", "B"), ("B.", "B"), ("b", "B"), ("B. 12 cm", "B"), ("A", "(A)"),
     ("Red", "red"), ("\\text{blue}", "Blue"), (" yellow ", "yellow"), ("circle.", "circle"),
     ("\\{1,2\\}", "\\{1,2\\}"), ("4", "4"), ("0.25", "\\boxed{\\frac{1}{4}}"),
+    # Decisions, each against math-verify (MV) and the PAPO reference grader (mathruler's grade_answer, REF):
+    # ° is the Unicode spelling of ^\circ, which both accept; both reject "120°" only because they do
+    # not know the symbol, and grading one answer by its spelling would reward notation, not the math.
+    ("120°", "120"), ("120", "120°"), ("120°", "120^\\circ"),
+    # a bare "pi" is pi: REF turns \pi into "pi" and accepts; MV reads "pi" as p*i and rejects.
+    ("pi", "\\pi"), ("\\pi", "pi"), ("2pi", "2\\pi"), ("pi/2", "\\frac{\\pi}{2}"),
+    # scientific notation is the number: REF accepts (float("1e3") is 1000); MV reads e as Euler's number.
+    ("1e3", "1000"), ("1000", "1e3"), ("1.5e-3", "0.0015"), ("6.02e23", "602000000000000000000000"),
+    # several powers are fine as long as the exponents are small (both graders accept these)
+    ("x^2+y^2", "y^2+x^2"), ("2^{10}", "1024"),
 ]
 WRONG = [
     ("\\frac{1}{3}", "0.5"), ("0.51", "1/2"), ("3", "4"), ("(C)", "B"), ("A", "B"), ("der", "red"),
     ("12", "blue"), ("blue", "12"), ("x^2+1", "(x+1)^2"), ("", "0"), ("red circle", "red"),
+    # REF rejects a factorial for an integer truth (it wants a strict match); factorials are screened here
+    ("5!", "120"),
+    # "pi" inside a word is not pi; "2e" is not scientific notation
+    ("spin", "s\\pi n"), ("2e", "2"),
 ]
 
 
@@ -107,6 +121,7 @@ def test_registry():
 def test_grading_off_the_main_thread_is_bounded():
     from megatron_papo.data import rewards
 
+    rewards._math_equal_cached.cache_clear()  # so the pairs below reach the helper process
     out = []
     worker = threading.Thread(target=lambda: out.extend([papo_reward("<think>a</think>\\boxed{1/2}", "0.5"),
                                                          papo_reward("<think>a</think>\\boxed{x^{2}}", "3")]))
@@ -163,3 +178,42 @@ def test_random_and_adversarial_strings_do_not_crash_or_hang():
     elapsed = time.monotonic() - start
     assert elapsed < 60, f"10,000 gradings took {elapsed:.1f}s"
     assert len(seen) >= 3  # the mix exercises right, wrong and both format outcomes
+
+
+def _huge(i: int) -> str:
+    """Answers that name astronomically large (or tiny) numbers: math-verify computes them exactly."""
+    n = 10_000_000 + i
+    return ["10^{%d}" % n, "10^%d" % n, "10^{-%d}" % n, "{10^{10}}^{10^{%d}}" % (i + 1), "9999999999^{%d}" % n,
+            "\\binom{%d}{500000}" % n, "\\Gamma(%d)" % n, "(10^{%d})!" % (6 + i), "\\sin(10^{%d})" % n,
+            "10^{%d}\\pi" % n, "((10^{99})^{999})^{%d}" % (999 - i), "2^{2^{2^{%d}}}" % i, "10^10^%d" % (10 + i),
+            "\\exp\\left(\\exp(%d)\\right)" % (50 + i), "10^\\frac{%d}{1}" % n, "10^{1000\\cdot %d}" % (1000 + i),
+            "10^{9}^{%d}" % (9 + i)][i % 17]
+
+
+def test_huge_number_answers_are_screened_fast():
+    """A correctness bound on the screen (not a benchmark): each of these ran math-verify to its 5 s timeout."""
+    start = time.monotonic()
+    for i in range(50):
+        answer = _huge(i)
+        r = papo_reward(f"<think>big</think> \\boxed{{{answer}}}", ["1", "3", "10"][i % 3])
+        assert r == RewardResult(0.1, 0.0, 1.0), answer
+        assert time.monotonic() - start < 1.0, f"answer {i} ({answer}) brought the batch to {time.monotonic() - start:.1f}s"
+
+
+def test_math_grading_is_cached(monkeypatch):
+    from megatron_papo.data import rewards
+
+    calls = []
+    rewards._math_equal_cached.cache_clear()
+    monkeypatch.setattr(rewards, "_math_equal_unbounded", lambda p, g, t: calls.append((p, g)) or True)
+    monkeypatch.setattr(rewards._GRADER, "equal", lambda p, g, t: calls.append((p, g)) or True)
+    for _ in range(3):  # main thread, then off it: the same pair is graded once in all
+        assert grade_answer("\\frac{71}{73}", "0.97260273972")
+    worker = threading.Thread(target=lambda: grade_answer("\\frac{71}{73}", "0.97260273972"))
+    worker.start()
+    worker.join()
+    assert calls == [("\\frac{71}{73}", "0.97260273972")]
+    assert grade_answer("\\frac{71}{74}", "0.97260273972") and len(calls) == 2  # another pair is graded anew
+    info = rewards._math_equal_cached.cache_info()
+    assert info.maxsize is not None and info.maxsize <= 1 << 16  # bounded
+    rewards._math_equal_cached.cache_clear()  # the fake's answers must not outlive this test

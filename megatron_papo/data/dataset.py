@@ -6,9 +6,11 @@ or absolute), or a `{"bytes": ..., "path": ...}` dict (bytes win when both are s
 bytes: there they are base64 strings, bare or as `{"bytes": "<base64>"}`; a bare string that names
 an existing file is a path.
 
-Bad rows (no answer, empty text, an image that does not decode, is absurdly small or large, or a
-placeholder count that does not match the images) are skipped, counted by reason and logged with
-their row id; they never stop a run. A file that cannot be read is an error naming the file.
+Bad rows (no answer, empty text, text that is not valid UTF-8, an image that does not decode, is
+absurdly small or large, or a placeholder count that does not match the images) never stop a run:
+they are skipped, counted by reason (`skip_metrics()`, for the metrics log), warned once each with
+their row id, and summed up in one line on stderr after loading. A file that cannot be read is an
+error naming the file.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import io
 import json
 import logging
 import os
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -39,7 +42,11 @@ class DataConfig:
     prompt_template: str = "papo"       # a name in PROMPT_TEMPLATES or a literal template with `{content}`
     min_image_side: int = 28            # images with a shorter side are bad rows (the processor needs 28 px)
     max_image_side: int = 16384         # images with a longer side are bad rows
-    max_image_pixels: int = 100 * 1280 * 28 * 28  # images with more pixels are bad rows (100x PAPO's max_pixels)
+    # Images with more pixels are bad rows, checked from the header before decoding (a 12 KB PNG can
+    # declare 10^8 pixels). 16x the processor's max_pixels (PAPO: 1280*28^2; raise both together): the
+    # processor shrinks anything larger anyway, 16x still admits a 12-megapixel photo, and each
+    # decoded copy is then at most ~64 MB (16M pixels x 4 bytes), not 0.4 GB as at the old 10^8.
+    max_image_pixels: int = 16 * 1280 * 28 * 28
     seed: int = 0                       # shuffling seed (each epoch is a seeded permutation)
     shuffle: bool = True                # False: file order every epoch
 
@@ -61,13 +68,14 @@ class SkipStats:
     rows: dict[str, list[int]] = field(default_factory=dict)
     _seen: set = field(default_factory=set, repr=False)
 
-    def add(self, reason: str, row: int) -> None:
-        """Count a bad row once, however many epochs meet it."""
+    def add(self, reason: str, row: int) -> bool:
+        """Count a bad row once, however many epochs meet it; True the first time."""
         if (reason, row) in self._seen:
-            return
+            return False
         self._seen.add((reason, row))
         self.counts[reason] += 1
         self.rows.setdefault(reason, []).append(row)
+        return True
 
     @property
     def total(self) -> int:
@@ -78,6 +86,10 @@ class SkipStats:
             return "no bad rows"
         parts = [f"{r}={n} (rows {self.rows[r][:5]}{'...' if n > 5 else ''})" for r, n in sorted(self.counts.items())]
         return f"skipped {self.total} bad rows: " + ", ".join(parts)
+
+    def metrics(self) -> dict[str, int]:
+        """{"data/skipped_rows": total, "data/skipped/<reason>": count}, for the metrics log."""
+        return {"data/skipped_rows": self.total, **{f"data/skipped/{r}": n for r, n in sorted(self.counts.items())}}
 
 
 # ---------------------------------------------------------------- reading files
@@ -106,8 +118,12 @@ class ParquetRows:
         return set(self.table.column_names)
 
 
-def read_rows(path: str) -> "ParquetRows | list[dict]":
-    """The rows of a parquet or jsonl file (dicts); a clear error naming the file when unreadable."""
+def read_rows(path: str) -> "ParquetRows | list[dict | BadRow]":
+    """The rows of a parquet or jsonl file (dicts); a clear error naming the file when unreadable.
+
+    A jsonl line that is not valid UTF-8 comes back as a BadRow in its place (one bad row, not a
+    dead file); a line that is not JSON still fails the file (it is not a jsonl file then).
+    """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"data file {path} does not exist")
     ext = os.path.splitext(path)[1].lower()
@@ -120,9 +136,14 @@ def read_rows(path: str) -> "ParquetRows | list[dict]":
             raise ValueError(f"data file {path} is not a readable parquet file: {e}") from e
     if ext in (".jsonl", ".json"):
         rows = []
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
+        with open(path, "rb") as f:  # decoded line by line, so one bad line costs one row
+            for lineno, raw in enumerate(f, 1):
+                if not raw.strip():
+                    continue
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    rows.append(BadRow("invalid_text", f"line {lineno} is not valid UTF-8 ({e.reason} at byte {e.start})"))
                     continue
                 try:
                     row = json.loads(line)
@@ -160,16 +181,42 @@ def _image_bytes(image, folder: str) -> bytes:
     raise BadRow("missing_image", f"image of type {type(image).__name__} (expected bytes, path or dict)")
 
 
-def _read_image(image, folder: str, decode: bool):
-    """The header's (width, height), or with decode=True the RGB uint8 [H, W, 3] array."""
+def _read_image(image, folder: str, c: "DataConfig", decode: bool):
+    """Checks the size the header declares (nothing is decoded for that); then, with decode=True,
+    returns the RGB uint8 [H, W, 3] array."""
     data = _image_bytes(image, folder)
     try:
         with Image.open(io.BytesIO(data)) as im:
-            return np.asarray(im.convert("RGB"), dtype=np.uint8).copy() if decode else im.size
+            w, h = im.size
+            if min(w, h) < c.min_image_side:
+                raise BadRow("image_too_small", f"{w}x{h} px, min side {c.min_image_side}")
+            if max(w, h) > c.max_image_side or w * h > c.max_image_pixels:
+                raise BadRow("image_too_large", f"{w}x{h} px, max side {c.max_image_side}, max pixels {c.max_image_pixels}")
+            if decode:
+                return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+    except BadRow:
+        raise
     except Image.DecompressionBombError as e:
         raise BadRow("image_too_large", str(e)) from None
     except Exception as e:
         raise BadRow("undecodable_image", f"{type(e).__name__}: {e}") from None
+
+
+def _text(row: dict, key: str):
+    """row[key], bytes (a parquet binary column) decoded as UTF-8; BadRow when it is not valid UTF-8
+    or is a string the tokenizer cannot encode (a lone UTF-16 surrogate, e.g. JSON "\\ud800")."""
+    value = row.get(key)
+    if isinstance(value, (bytes, bytearray)):
+        try:
+            return bytes(value).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise BadRow("invalid_text", f"{key!r} is not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise BadRow("invalid_text", f"{key!r} has a lone UTF-16 surrogate (not valid Unicode text)") from None
+    return value
 
 
 def _decode_b64(value):
@@ -194,23 +241,34 @@ class PapoDataset:
         self.config = config
         self.folder = os.path.dirname(os.path.abspath(config.path))
         self.stats = SkipStats()
+        self._bad: set[int] = set()  # rows found bad on full decode: never decoded again
+        # every rank reads the same file, so rank 0 alone reports what the load finds
+        self._report_load = os.environ.get("RANK", "0") == "0"
         self._rows = read_rows(config.path)
-        columns = self._rows.columns if isinstance(self._rows, ParquetRows) else set().union(*self._rows)
+        columns = (self._rows.columns if isinstance(self._rows, ParquetRows)
+                   else set().union(*(r for r in self._rows if isinstance(r, dict))))
         for key in (config.problem_key, config.answer_key):
-            if len(self._rows) and key not in columns:
+            if columns and key not in columns:  # (a file of only undecodable lines has no columns)
                 raise ValueError(f"data file {config.path} has no column {key!r}; columns: {sorted(columns)}")
         self._good: list[int] = []
         for i, row in enumerate(self._rows):
             try:
+                if isinstance(row, BadRow):  # read_rows could not even decode it
+                    raise row
                 self._check(row)
                 self._good.append(i)
             except BadRow as e:
-                self._skip(e, i)
-        logger.info("%s: %d good rows, %s", config.path, len(self._good), self.stats.summary())
+                self._skip(e, i, report=self._report_load)
+        if self._report_load:  # a plain line: nothing configures logging, and INFO would never show
+            print(f"{config.path}: {len(self._good)} good rows, {self.stats.summary()}", file=sys.stderr, flush=True)
 
-    def _skip(self, e: BadRow, row: int) -> None:
-        self.stats.add(e.reason, row)
-        logger.warning("%s row %d skipped: %s", self.config.path, row, e)
+    def _skip(self, e: BadRow, row: int, report: bool = True) -> None:
+        if self.stats.add(e.reason, row) and report:  # once per row, however many epochs meet it
+            logger.warning("%s row %d skipped: %s", self.config.path, row, e)
+
+    def skip_metrics(self) -> dict[str, int]:
+        """Bad rows so far: {"data/skipped_rows": total, "data/skipped/<reason>": count}."""
+        return self.stats.metrics()
 
     def _images_of(self, row: dict) -> list:
         images = row.get(self.config.image_key) or []
@@ -221,7 +279,7 @@ class PapoDataset:
     def _check(self, row: dict) -> None:
         """Cheap checks at load time: text, answer, image headers (size) — no full decode."""
         c = self.config
-        problem, answer = row.get(c.problem_key), row.get(c.answer_key)
+        problem, answer = _text(row, c.problem_key), _text(row, c.answer_key)
         if answer is None or not str(answer).strip():
             raise BadRow("missing_answer", f"empty or missing {c.answer_key!r}")
         if not isinstance(problem, str) or not problem.replace(IMAGE_PLACEHOLDER, "").strip():
@@ -231,11 +289,7 @@ class PapoDataset:
         if n_placeholders and n_placeholders != len(images):
             raise BadRow("placeholder_mismatch", f"{n_placeholders} {IMAGE_PLACEHOLDER} placeholders, {len(images)} images")
         for image in images:
-            w, h = _read_image(image, self.folder, decode=False)
-            if min(w, h) < c.min_image_side:
-                raise BadRow("image_too_small", f"{w}x{h} px, min side {c.min_image_side}")
-            if max(w, h) > c.max_image_side or w * h > c.max_image_pixels:
-                raise BadRow("image_too_large", f"{w}x{h} px, max side {c.max_image_side}, max pixels {c.max_image_pixels}")
+            _read_image(image, self.folder, c, decode=False)
 
     def __len__(self) -> int:
         return len(self._good)
@@ -245,18 +299,21 @@ class PapoDataset:
         c = self.config
         row_id = self._good[index]
         row = self._rows[row_id]
-        images = [_read_image(image, self.folder, decode=True) for image in self._images_of(row)]
-        problem = row[c.problem_key]
+        images = [_read_image(image, self.folder, c, decode=True) for image in self._images_of(row)]
+        problem = _text(row, c.problem_key)
         if images and IMAGE_PLACEHOLDER not in problem:
             problem = IMAGE_PLACEHOLDER * len(images) + problem  # images first, as chat UIs put them
-        return Sample(sample_id=row_id, prompt=render_prompt(c.template, problem), answer=str(row[c.answer_key]).strip(),
+        return Sample(sample_id=row_id, prompt=render_prompt(c.template, problem), answer=str(_text(row, c.answer_key)).strip(),
                       images=images, choices=parse_choices(problem))
 
     def __getitem__(self, index: int) -> Sample | None:
         """Sample `index`, or None (counted and logged) when the row turns out bad on full decode."""
+        if self._good[index] in self._bad:
+            return None
         try:
             return self.load(index)
         except BadRow as e:
+            self._bad.add(self._good[index])
             self._skip(e, self._good[index])
             return None
 
@@ -300,6 +357,10 @@ class ResumableIterator:
 
     def take(self, n: int) -> list[Sample]:
         return [next(self) for _ in range(n)]
+
+    def skip_metrics(self) -> dict[str, int]:
+        """The dataset's bad-row counts for the metrics log ({} for datasets without bad rows)."""
+        return self.dataset.skip_metrics() if hasattr(self.dataset, "skip_metrics") else {}
 
     def state_dict(self) -> dict:
         return {"seed": self.seed, "shuffle": self.shuffle, "epoch": self.epoch, "position": self.position,

@@ -2,7 +2,9 @@
 
 accuracy: the answer in the LAST `\\boxed{}` (nested braces handled) graded against the ground truth:
   a normalised string fast path (plain strings, colours, multiple-choice letters / option texts),
-  then math-verify (fractions, decimals, LaTeX) for short, safe-looking answers. Never eval.
+  then math-verify (fractions, decimals, LaTeX) for short answers that cannot name a huge number
+  (`_unsafe_for_math` says exactly which). Before both, `°` is read as `^\\circ`, a bare `pi` as
+  `\\pi` and `1e3` as `1000` (the tests say why). Math results are cached by (answer, truth). Never eval.
 format: the reference regex `<think>.*</think>.*\\boxed\\{.*\\}.*` (full match, DOTALL), checked in
   linear time. Like the reference, whitespace around `<`, `>` and `/` is removed first.
 
@@ -17,12 +19,15 @@ import multiprocessing as mp
 import re
 import threading
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Callable
 
 MAX_RESPONSE_CHARS = 32_768  # longer responses are graded on their last MAX_RESPONSE_CHARS characters
 MAX_MATH_CHARS = 256         # longer answers are compared as normalised strings only
 MAX_DIGIT_RUN = 40           # an answer with a longer number is compared as a string only
 MAX_BRACE_DEPTH = 6          # an answer nested deeper is compared as a string only
+MAX_EXPONENT_DIGITS = 3      # all exponents of an answer together hold at most this many digits (see _unsafe_for_math)
+MATH_CACHE_SIZE = 1 << 14    # (answer, truth) pairs whose math result is kept: <= 256 chars each, so a few MB
 MATH_TIMEOUT_S = 5           # per math-verify parse / verify call, wall clock (int s, as math-verify takes; its default)
 ACCURACY_WEIGHT = 0.9        # PAPO_SPEC: reward = 0.9 * accuracy + 0.1 * format
 FORMAT_WEIGHT = 0.1
@@ -123,10 +128,58 @@ def _brace_depth(s: str) -> int:
     return deepest
 
 
+_FACTORIAL = re.compile(r"!|\\(?:[dt]?binom|choose|Gamma)(?![a-zA-Z])")
+_GROWTH = re.compile(r"\^|\*\*|\\exp(?![a-zA-Z])")  # what raises its operand to a power
+_ATOM = re.compile(r"[-+]?[\d.,]+|\\[a-zA-Z]+|.", re.DOTALL)  # a number, a \command or one character
+_CLOSE = {"{": "}", "(": ")", "[": "]"}
+
+
+def _operand(s: str, i: int) -> int:
+    """End of the operand starting at s[i] (after spaces): a balanced group, a number, or a \\command
+    with the groups that follow it (`\\frac{a}{b}`), or one character."""
+    while i < len(s) and s[i] == " ":
+        i += 1
+    if i == len(s):
+        return i
+    if s[i] in _CLOSE:
+        opening, depth = s[i], 0
+        for j in range(i, len(s)):
+            depth += (s[j] == opening) - (s[j] == _CLOSE[opening])
+            if depth == 0:
+                return j + 1
+        return len(s)
+    end = _ATOM.match(s, i).end()
+    while s[i] == "\\" and end < len(s) and s[end] == "{":
+        end = _operand(s, end)
+    return end
+
+
 def _unsafe_for_math(s: str) -> bool:
-    """Answers math-verify could spend long on (power towers, factorials, huge numbers, deep nesting)."""
-    return (len(s) > MAX_MATH_CHARS or s.count("^") > 1 or "!" in s or _brace_depth(s) > MAX_BRACE_DEPTH
-            or re.search(r"\d{%d}" % (MAX_DIGIT_RUN + 1), s) is not None)
+    """Answers math-verify could spend long on; they are compared as normalised strings only.
+
+    math-verify computes numbers exactly, so `10^{10000000}` runs it to its timeout. The rule: an
+    answer is unsafe when it is long or deeply nested, has a number of more than MAX_DIGIT_RUN
+    digits, a factorial in any spelling (`!`, `\\binom`, `\\choose`, `\\Gamma`: `\\binom{x}{999}` alone
+    takes seconds; the reference grader rejects `5!` for 120 anyway), or when its exponents (what
+    follows each ^, ** or \\exp) together hold more than MAX_EXPONENT_DIGITS digits, or one of them
+    holds another power or is followed straight by one (`2^{2^{9}}`, `10^9^9`, `\\exp(\\exp(9))`):
+    towers. Together these bound every number an answer can name by about (10^40)^999, which
+    math-verify handles in well under a second. Slow symbolic work (`(a+b+c+d+e)^{12}`,
+    `\\exp(999)\\sin(2)` against 3) is not screened: math-verify's timeout bounds it, and the cache
+    makes each pair cost that once.
+    """
+    if (len(s) > MAX_MATH_CHARS or _FACTORIAL.search(s) or _brace_depth(s) > MAX_BRACE_DEPTH
+            or re.search(r"\d{%d}" % (MAX_DIGIT_RUN + 1), s) is not None):
+        return True
+    s = s.replace("\\left", "").replace("\\right", "")  # \exp\left(..\right) is \exp(..)
+    digits = 0
+    for m in _GROWTH.finditer(s):
+        end = _operand(s, m.end())
+        exponent = s[m.end():end]
+        if _GROWTH.search(exponent) or s[end:].lstrip(" ").startswith(("^", "**")):
+            return True
+        digits += sum(c.isdigit() for c in exponent)
+    return digits > MAX_EXPONENT_DIGITS
 
 
 @functools.lru_cache(maxsize=4096)  # n rollouts share a ground truth and often an answer
@@ -137,7 +190,6 @@ def _parse(expr: str, timeout_s: int | None):
                        parsing_timeout=timeout_s))
 
 
-@functools.lru_cache(maxsize=16384)  # the same (answer, ground truth) pair recurs across a group
 def _math_equal_unbounded(pred: str, gold: str, timeout_s: int | None) -> bool:
     from math_verify import verify
 
@@ -195,12 +247,34 @@ def math_equal(pred: str, gold: str) -> bool:
     """math-verify equivalence with a hard time bound, in any thread."""
     if _unsafe_for_math(pred) or _unsafe_for_math(gold):
         return False
+    return _math_equal_cached(pred, gold)
+
+
+# The n rollouts of a prompt share its truth and often an answer, and a slow pair would otherwise
+# cost its timeout every time it recurs. An overrun is cached as wrong like any result: it is a
+# property of the pair. Only screened pairs (<= MAX_MATH_CHARS each) get here, so entries are small.
+@functools.lru_cache(maxsize=MATH_CACHE_SIZE)
+def _math_equal_cached(pred: str, gold: str) -> bool:
     if threading.current_thread() is threading.main_thread():
         return _math_equal_unbounded(pred, gold, MATH_TIMEOUT_S)
     return _GRADER.equal(pred, gold, 4 * MATH_TIMEOUT_S)
 
 
 # ---------------------------------------------------------------- grading
+
+_BARE_PI = re.compile(r"(?<![A-Za-z\\])pi(?![A-Za-z])")  # "pi", "2pi", "pi/2"; not "spin", "\\pi", "\\varpi"
+_SCIENTIFIC = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)[eE][-+]?\d+")  # one way to split digits: linear
+
+
+def canonical(s: str) -> str:
+    """Spellings neither grader reads as meant, rewritten: `°` -> `^\\circ`, a bare `pi` -> `\\pi`,
+    a whole answer in scientific notation (`1e3`, `1.5e-3`) -> its decimal (`1000`, `0.0015`).
+    Scientific notation with an exponent of more than MAX_DIGIT_RUN is left alone (a string then)."""
+    s = _BARE_PI.sub(r"\\pi", s.strip().replace("°", "^\\circ"))
+    if _SCIENTIFIC.fullmatch(s) and abs(Decimal(s).as_tuple().exponent) <= MAX_DIGIT_RUN:
+        s = format(Decimal(s), "f")
+    return s
+
 
 def grade_answer(pred: str | None, gold: str, choices: dict[str, str] | None = None) -> bool:
     """Is the extracted answer `pred` the ground truth `gold`? (choices: letter -> option text)."""
@@ -209,6 +283,9 @@ def grade_answer(pred: str | None, gold: str, choices: dict[str, str] | None = N
     pred, gold = pred[:MAX_RESPONSE_CHARS], str(gold)
     if _BOXED in gold:  # some datasets store the ground truth boxed
         gold = last_boxed(gold) or gold
+    pred, gold = canonical(pred), canonical(gold)
+    if choices:
+        choices = {k: canonical(v) for k, v in choices.items()}
     p, g = normalize(pred), normalize(gold)
     if not p:
         return False
