@@ -242,6 +242,7 @@ class PapoDataset:
         self.folder = os.path.dirname(os.path.abspath(config.path))
         self.stats = SkipStats()
         self._bad: set[int] = set()  # rows found bad on full decode: never decoded again
+        self.max_images = 0  # the most images of a good row (the rollout engine's images-per-prompt limit)
         # every rank reads the same file, so rank 0 alone reports what the load finds
         self._report_load = os.environ.get("RANK", "0") == "0"
         self._rows = read_rows(config.path)
@@ -257,6 +258,7 @@ class PapoDataset:
                     raise row
                 self._check(row)
                 self._good.append(i)
+                self.max_images = max(self.max_images, len(self._images_of(row)))
             except BadRow as e:
                 self._skip(e, i, report=self._report_load)
         if self._report_load:  # a plain line: nothing configures logging, and INFO would never show

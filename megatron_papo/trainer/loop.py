@@ -65,7 +65,7 @@ class Trainer:
         if resume_from is not None:
             self._load(resume_from)
         self.metrics = MetricsLogger(self.out, cfg.monitor, enabled=self.rank == 0, resume_step=self.state.step)
-        self.engine = build_engine(cfg, self.models, self.out, ctx) if with_engine else None
+        self.engine = build_engine(cfg, self.models, self.out, ctx, self.data.max_images_per_prompt) if with_engine else None
         self.weight_sync = build_weight_sync(cfg, self.models, ctx)
 
     # ------------------------------------------------------------------ the run
@@ -122,7 +122,8 @@ class Trainer:
             self.engine.wake_up()  # GPU: the engines slept through the update (docs/scaling.md)
             sync_weights(self.models, self.engine, self.weight_sync)
         tokens = sum(e.length for e in experiences)
-        metrics = {**rollout_metrics, **mismatch, **train_metrics, "lr": self.optimizer.param_groups[0]["lr"],
+        metrics = {**rollout_metrics, **mismatch, **train_metrics, **self.data.skip_metrics(),
+                   "lr": self.optimizer.param_groups[0]["lr"],
                    "tokens_per_s": tokens / max(sum(phases.values()), 1e-9)}
         return metrics, phases
 

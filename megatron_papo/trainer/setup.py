@@ -173,11 +173,17 @@ class DataSource:
         if cfg.data.path:
             dataset = PapoDataset(cfg.data)
             self.rl = ResumableIterator(dataset, seed=cfg.data.seed, shuffle=cfg.data.shuffle)
+            self.max_images_per_prompt = dataset.max_images  # the rollout engine's limit
         else:
             self.rl = ResumableIterator(SyntheticShapes(cfg.synthetic), seed=cfg.synthetic.seed)
+            self.max_images_per_prompt = 1
         # Warm-up samples come from a disjoint seed of the same task, so RL prompts are new to the model.
         sft = SyntheticConfig(**{**cfg.synthetic.__dict__, "seed": cfg.synthetic.seed + 1_000_003})
         self.sft = ResumableIterator(SyntheticShapes(sft), seed=sft.seed)
+
+    def skip_metrics(self) -> dict:
+        """Bad rows of the data file so far (data/skipped_rows, data/skipped/<reason>)."""
+        return self.rl.skip_metrics()
 
     def next_batch(self, n: int) -> list:
         return self.rl.take(n)
@@ -200,7 +206,7 @@ def rollout_requests(processor: VLProcessor, samples) -> list[RolloutRequest]:
 
 
 # ------------------------------------------------------------------ rollout engine + weight sync
-def build_engine(cfg: TrainConfig, models: Models, out: Path, ctx: ParallelContext):
+def build_engine(cfg: TrainConfig, models: Models, out: Path, ctx: ParallelContext, max_images_per_prompt: int):
     """This rank's worker of its rollout engine; every rank builds at once (a collective)."""
     from megatron_papo.rollout.vllm_engine import VLLMEngine, VLLMEngineConfig
 
@@ -212,7 +218,8 @@ def build_engine(cfg: TrainConfig, models: Models, out: Path, ctx: ParallelConte
     return VLLMEngine(VLLMEngineConfig(
         model_path=str(folder), dtype=r.engine_dtype, tensor_parallel_size=r.tp,
         max_model_len=r.max_prompt_tokens + r.max_new_tokens, seed=cfg.seed,
-        gpu_memory_utilization=r.gpu_memory_utilization, load_format="dummy"))
+        gpu_memory_utilization=r.gpu_memory_utilization, load_format="dummy",
+        max_images_per_prompt=max(max_images_per_prompt, 1)))
 
 
 def build_weight_sync(cfg: TrainConfig, models: Models, ctx: ParallelContext):
