@@ -78,8 +78,8 @@ def run_micro_batches(model_chunks: list[torch.nn.Module], micro_batches: list[M
         # right padding + causal attention: real tokens never attend to padding, so no mask is needed
         return model(ids, pos, None, pixels, grid, image_mask), partial(loss_func, mb)
 
-    config = _unwrap(model_chunks[0]).config
-    config.variable_seq_lengths = True  # micro-batches differ in length; stages exchange shapes first
+    if not _unwrap(model_chunks[0]).config.variable_seq_lengths:
+        raise ValueError("run_micro_batches needs config.variable_seq_lengths=True (set when the models are built)")
     get_forward_backward_func()(
         forward_step_func=forward_step, data_iterator=iter(batches), model=model_chunks,
         num_microbatches=len(batches), seq_length=batches[0].input_ids.shape[1],

@@ -112,6 +112,7 @@ def build_models(cfg: TrainConfig) -> Models:
     _check_tokenizer(processor, model_cfg)
     opts = parallel_options(cfg)
     policy = build_model(model_cfg, opts)
+    policy.config.variable_seq_lengths = True  # micro-batches differ in length: pipeline stages exchange shapes
     _init_weights(policy, cfg)
     if cfg.model.freeze_vision and policy.vision_model is not None:
         policy.vision_model.requires_grad_(False)
@@ -125,6 +126,7 @@ def build_models(cfg: TrainConfig) -> Models:
     reference = None
     if cfg.algo.beta > 0:
         reference = build_model(model_cfg, opts)
+        reference.config.variable_seq_lengths = True
         reference.requires_grad_(False)
         reference.eval()
         if torch.cuda.is_available() and not cfg.model.ref_offload:
