@@ -50,6 +50,22 @@ class PAPOConfig:
     # reward penalty at (and beyond) max_response_length when overlong shaping is on
     overlong_penalty_factor: float = 1.0
 
+    @property
+    def needs_logits(self) -> bool:
+        """An exact mode: the loss needs the vocab-parallel logits, not only the sampled log-probs."""
+        return "exact" in (self.perception_mode, self.entropy_mode)
+
+    @property
+    def needs_masked_logp(self) -> bool:
+        """A reference-mode masked term is on: precompute log pi_old(o | q, I_mask) before the update."""
+        return (self.perception_mode == "reference" and self.gamma > 0) or (
+            self.entropy_mode == "reference" and self.eta2 > 0)
+
+    @property
+    def needs_masked_logits(self) -> bool:
+        """An exact-mode masked term is on: the update forwards [real; masked] for full masked logits."""
+        return (self.perception_mode == "exact" and self.gamma > 0) or (self.entropy_mode == "exact" and self.eta2 > 0)
+
     def __post_init__(self):
         for name, allowed in (("perception_mode", PERCEPTION_MODES), ("entropy_mode", ENTROPY_MODES),
                               ("kl_estimator", KL_ESTIMATORS), ("loss_agg_mode", LOSS_AGG_MODES)):

@@ -163,7 +163,7 @@ def papo_loss(logp, old_logp, ref_logp, mask_logp, advantages, response_mask, cf
     tensors: token means over this micro-batch of each term (policy_loss, ref_kl, kl_prcp, entropy,
     masked_entropy), of the ratio and of the clip classes (clipfrac_high/low/dual), and `loss`.
     """
-    if cfg.perception_mode != "reference" or cfg.entropy_mode != "reference":
+    if cfg.needs_logits:
         raise ValueError("papo_loss computes the reference modes from log-probs; exact perception/entropy "
                          "modes need logits: use papo_loss_from_logits")
     _check_shapes(logp, response_mask, advantages, old_logp=old_logp, ref_logp=ref_logp, mask_logp=mask_logp)
@@ -193,9 +193,9 @@ def papo_loss_from_logits(logits, target, old_logp, ref_logp, advantages, respon
     result as in `papo_loss`.
     """
     exact_prcp, exact_ent = cfg.perception_mode == "exact", cfg.entropy_mode == "exact"
-    if exact_prcp and cfg.gamma > 0 or exact_ent and cfg.eta2 > 0:
+    if cfg.needs_masked_logits:
         _require(masked_logits, "masked_logits", "the exact perception/entropy mode uses the masked branch")
-    if not exact_prcp and cfg.gamma > 0 or not exact_ent and cfg.eta2 > 0:
+    if cfg.needs_masked_logp:
         _require(mask_logp, "mask_logp", "a reference perception/entropy mode uses the masked branch")
     if cfg.beta > 0:
         _require(ref_logp, "ref_logp", f"beta={cfg.beta} > 0")

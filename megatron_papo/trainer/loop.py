@@ -226,13 +226,11 @@ class Trainer:
         image) per-token log-probs, without gradient, before the update."""
         algo, T = self.cfg.algo, self.cfg.rollout.temperature
         # the masked branch is PAPO's only extra forward; exact modes get it inside the update instead
-        need_mask = (algo.perception_mode == "reference" and algo.gamma > 0) or (
-            algo.entropy_mode == "reference" and algo.eta2 > 0)
         self.exp_logprobs(exps, self.models.policy, "old_logp", masked=False, temperature=T)
         if algo.beta > 0:
             with self.models.reference_on_device():
                 self.exp_logprobs(exps, [self.models.reference], "ref_logp", masked=False, temperature=T)
-        if need_mask:
+        if algo.needs_masked_logp:
             self.exp_logprobs(exps, self.models.policy, "mask_logp", masked=True, temperature=T)
 
     @torch.no_grad()
@@ -273,9 +271,7 @@ class Trainer:
         by_tokens = cfg.micro_batch_tokens if algo.loss_agg_mode == "global_token_mean" else 0
         chunks = make_micro_batches(exps, cfg.micro_batch_size, by_tokens)
         mbs = [self._collate(c) for c in chunks]
-        exact = algo.perception_mode == "exact" or algo.entropy_mode == "exact"
-        # exact terms of the masked branch need its full logits: [real; masked] in one forward
-        both = (algo.perception_mode == "exact" and algo.gamma > 0) or (algo.entropy_mode == "exact" and algo.eta2 > 0)
+        exact, both = algo.needs_logits, algo.needs_masked_logits  # both: [real; masked] in one forward
         scale = 1.0
         global_tokens = None
         if algo.loss_agg_mode == "global_token_mean":
