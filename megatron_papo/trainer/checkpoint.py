@@ -10,11 +10,20 @@ Layout under `save_dir`:
 Atomicity: every rank writes into `step_N.tmp`; after a barrier, rank 0 writes COMPLETE, renames
 the directory to `step_N` (one rename: a kill leaves either the old or the new name) and then
 replaces `latest` (write + os.replace). A kill at any point leaves `latest` naming a complete one.
+
+No pickles: a checkpoint may come from anyone, and unpickling runs code. A checkpoint holds tensors
+(weights, optimizer state, every rank's RNG states), `common.pt` (scheduler and optimizer
+hyperparameters: read with torch.load(weights_only=True)) and `train_state.json`. megatron-core's
+per-layer `_extra_state` objects (empty without transformer-engine fp8) are left out. On resume,
+`.metadata` (torch.distributed.checkpoint's index, a pickle) is read with an allow-list of its own
+classes first, and a checkpoint holding any pickled object is refused.
 """
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
+import pickle
 import random
 import shutil
 import signal
@@ -30,6 +39,11 @@ import torch.distributed as dist
 from megatron_papo.lifetime import exit_when_process_ends, this_process
 
 COMPLETE_MARKER = "COMPLETE"
+TRAIN_STATE = "train_state.json"  # step, data position, layout: what the loop restores besides tensors
+
+
+class CheckpointError(ValueError):
+    """A checkpoint this run must not load, or folders it must not write into; one line saying why."""
 
 
 @dataclass
@@ -70,49 +84,81 @@ def find_resume_checkpoint(cfg: CheckpointConfig) -> Path | None:
     return candidates[-1] if candidates else None
 
 
-def rng_state() -> dict[str, Any]:
+def rng_state() -> dict[str, torch.Tensor]:
+    """This rank's RNG states (python, numpy, torch, cuda, megatron's tracker) as tensors."""
     from megatron.core import tensor_parallel
 
-    return {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
-    }
+    _, mt, gauss = random.getstate()
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": torch.tensor(mt, dtype=torch.int64),
+             "python_gauss": torch.tensor([gauss is not None, gauss or 0.0], dtype=torch.float64),
+             "numpy": torch.tensor([*keys.tolist(), pos, has_gauss], dtype=torch.int64),
+             "numpy_gauss": torch.tensor([cached], dtype=torch.float64),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    for name, tracker_state in tensor_parallel.get_cuda_rng_tracker().get_states().items():
+        state[f"tracker.{name}"] = tracker_state
+    return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, torch.Tensor]) -> None:
     from megatron.core import tensor_parallel
 
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    has_gauss, gauss = state["python_gauss"].tolist()
+    random.setstate((3, tuple(state["python"].tolist()), gauss if has_gauss else None))
+    numpy = state["numpy"].tolist()
+    np.random.set_state(("MT19937", np.array(numpy[:624], dtype=np.uint32), numpy[624], numpy[625],
+                         state["numpy_gauss"].item()))
     torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and torch.cuda.is_available():
+    if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(
+        {k.removeprefix("tracker."): v for k, v in state.items() if k.startswith("tracker.")})
+
+
+def layout() -> dict[str, int]:
+    from megatron.core import parallel_state
+
+    return {"pp": parallel_state.get_pipeline_model_parallel_world_size(),
+            "tp": parallel_state.get_tensor_model_parallel_world_size(),
+            "dp": parallel_state.get_data_parallel_world_size()}
 
 
 def _sharded_state_dict(modules: dict, optimizer, is_loading: bool) -> dict[str, Any]:
     """`modules`: name -> model stage; "model" is the trained one (the optimizer's), others (e.g. the
     reference model) are saved under their name as a key prefix so their tensors do not collide."""
     from megatron.core import parallel_state
-    from megatron.core.dist_checkpointing.mapping import ShardedObject
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
     sd: dict[str, Any] = {name: m.sharded_state_dict(prefix="" if name == "model" else f"{name}.")
                           for name, m in modules.items()}
     if optimizer is not None and (is_loading or optimizer_has_state(optimizer)):
         sd["optimizer"] = optimizer.sharded_state_dict(sd["model"], is_loading=is_loading)
-    # One RNG object per (pp, tp, dp) rank: a resumed rank continues its own streams.
-    pp, tp, dp = (parallel_state.get_pipeline_model_parallel_world_size(),
-                  parallel_state.get_tensor_model_parallel_world_size(),
-                  parallel_state.get_data_parallel_world_size())
-    pp_r, tp_r, dp_r = (parallel_state.get_pipeline_model_parallel_rank(),
-                        parallel_state.get_tensor_model_parallel_rank(),
-                        parallel_state.get_data_parallel_rank())
-    sd["rng_state"] = ShardedObject("rng_state", rng_state() if not is_loading else None, (pp, tp, dp), (pp_r, tp_r, dp_r),
-                                    replica_id=0)
+    sd = _without_objects(sd)
+    # Each RNG state is a [pp, tp, dp, n] tensor: a resumed rank continues its own streams.
+    size = layout()
+    ranks = {"pp": parallel_state.get_pipeline_model_parallel_rank(),
+             "tp": parallel_state.get_tensor_model_parallel_rank(),
+             "dp": parallel_state.get_data_parallel_rank()}
+    sd["rng_state"] = {name: ShardedTensor.from_rank_offsets(
+        f"rng_state.{name}", t.reshape(1, 1, 1, -1), *((axis, ranks[k], size[k]) for axis, k in enumerate(size)),
+        replica_id=0) for name, t in rng_state().items()}
     return sd
+
+
+def _without_objects(sd: dict[str, Any]) -> dict[str, Any]:
+    """`sd` less megatron-core's ShardedObjects (pickled on save): only the layers' `_extra_state`
+    (transformer-engine fp8 metadata, empty here) are such; any other is an error, not a silent loss."""
+    from megatron.core.dist_checkpointing.dict_utils import extract_matching_values, nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    objects, rest = extract_matching_values(sd, lambda v: isinstance(v, ShardedObject))
+    others = [o.key for o in nested_values(objects) if not o.key.endswith("_extra_state")]
+    if others:
+        raise CheckpointError(f"state to checkpoint holds objects {others[:3]} that would be pickled; "
+                              "checkpoints hold tensors only")
+    return rest
 
 
 def optimizer_has_state(optimizer) -> bool:
@@ -140,7 +186,7 @@ def _start_writer_queue_bound_to_this_process() -> None:
 def save_checkpoint(cfg: CheckpointConfig, step: int, modules: dict, optimizer, scheduler,
                     train_state: dict[str, Any], write_extras: Callable[[Path], None] | None = None) -> Path:
     """Collective: every rank calls it. `train_state` (step, data position, ...) is the same on all
-    ranks and saved once as common state. `write_extras(dir)` runs on rank 0 before the checkpoint
+    ranks; rank 0 writes it (JSON-able) to train_state.json. `write_extras(dir)` runs on rank 0 before the checkpoint
     is marked complete (config.json, tokenizer, ... so tools can read the directory). Returns the
     final directory."""
     from megatron.core import dist_checkpointing
@@ -155,12 +201,13 @@ def save_checkpoint(cfg: CheckpointConfig, step: int, modules: dict, optimizer, 
         tmp.mkdir(parents=True)
     dist.barrier()
     sd = _sharded_state_dict(modules, optimizer, is_loading=False)
-    sd["train_state"] = dict(train_state, step=step, optimizer_saved="optimizer" in sd)
+    train_state = dict(train_state, step=step, optimizer_saved="optimizer" in sd, layout=layout())
     sd["scheduler"] = scheduler.state_dict() if scheduler is not None else None
     _start_writer_queue_bound_to_this_process()
     dist_checkpointing.save(sd, str(tmp))
     dist.barrier()
     if rank0:
+        (tmp / TRAIN_STATE).write_text(json.dumps(train_state, indent=1) + "\n")
         if write_extras is not None:
             write_extras(tmp)
         (tmp / COMPLETE_MARKER).write_text(f"{step}\n")
@@ -175,22 +222,78 @@ def save_checkpoint(cfg: CheckpointConfig, step: int, modules: dict, optimizer, 
 
 def load_checkpoint(path: Path, modules: dict, optimizer, scheduler) -> dict[str, Any]:
     """Collective. Loads into the given model/optimizer/scheduler, restores this rank's RNG
-    states, and returns the saved train_state."""
+    states, and returns the saved train_state. Unpickles nothing from the checkpoint."""
     from megatron.core import dist_checkpointing
 
-    common = dist_checkpointing.load_common_state_dict(str(path))
-    if not common["train_state"].get("optimizer_saved", True):
+    train_state = read_train_state(path)
+    _check_no_pickles(path)
+    if not train_state["optimizer_saved"]:
         optimizer = None  # saved before its first step: the fresh optimizer is that state
     sd = _sharded_state_dict(modules, optimizer, is_loading=True)
-    loaded = dist_checkpointing.load(sd, str(path))
+    loaded = dist_checkpointing.load(sd, str(path), common_strategy=_weights_only_common_load())
     for name, m in modules.items():
         m.load_state_dict(loaded[name], strict=False)
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
-    if scheduler is not None and common.get("scheduler") is not None:
-        scheduler.load_state_dict(common["scheduler"])
-    set_rng_state(loaded["rng_state"])
-    return common["train_state"]
+    if scheduler is not None and loaded.get("scheduler") is not None:
+        scheduler.load_state_dict(loaded["scheduler"])
+    set_rng_state({k: v.reshape(-1) for k, v in loaded["rng_state"].items()})
+    return train_state
+
+
+def read_train_state(path: Path) -> dict[str, Any]:
+    f = Path(path) / TRAIN_STATE
+    if not f.is_file():
+        raise CheckpointError(f"{path}: no {TRAIN_STATE}; written by an older megatron_papo whose checkpoints "
+                              "hold pickles (they run code when loaded): not loaded")
+    return json.loads(f.read_text())
+
+
+# torch.distributed.checkpoint's .metadata is a pickle of these classes only (torch 2.13).
+_METADATA_CLASSES = {
+    *(("torch.distributed.checkpoint.metadata", name) for name in (
+        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
+        "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")),
+    *(("torch.distributed.checkpoint.planner", name) for name in ("SavePlan", "WriteItem", "WriteItemType",
+                                                                  "TensorWriteData")),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+    ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+    *(("torch", name) for name, v in vars(torch).items() if isinstance(v, torch.dtype)),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _METADATA_CLASSES:
+            raise pickle.UnpicklingError(f"refers to {module}.{name}, which is not a checkpoint metadata class")
+        return super().find_class(module, name)
+
+
+def _check_no_pickles(path: Path) -> None:
+    """Read .metadata with an allow-list (megatron-core then reads it with plain pickle) and refuse
+    a checkpoint that holds pickled objects (megatron-core would unpickle them)."""
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    try:
+        with open(Path(path) / ".metadata", "rb") as f:
+            entries = _MetadataUnpickler(f).load().state_dict_metadata
+    except (OSError, pickle.UnpicklingError, AttributeError, EOFError) as e:
+        raise CheckpointError(f"{path}/.metadata: {e}; not loaded") from None
+    objects = sorted(k for k, v in entries.items() if isinstance(v, BytesStorageMetadata))
+    if objects:
+        raise CheckpointError(f"{path} holds pickled objects ({', '.join(objects[:3])}"
+                              f"{', ...' if len(objects) > 3 else ''}), which run code when loaded: not loaded")
+
+
+def _weights_only_common_load():
+    """megatron-core's common.pt reader, with weights_only=True whatever torch's default."""
+    from megatron.core.dist_checkpointing.strategies.common import COMMON_STATE_FNAME, TorchCommonLoadStrategy
+
+    class WeightsOnly(TorchCommonLoadStrategy):
+        def load_common(self, checkpoint_dir):
+            return torch.load(Path(checkpoint_dir) / COMMON_STATE_FNAME, map_location="cpu", weights_only=True)
+
+    return WeightsOnly()
 
 
 def _write_atomic(path: Path, text: str) -> None:
