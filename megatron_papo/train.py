@@ -51,11 +51,18 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from megatron_papo.parallel import destroy_model_parallel, initialize_model_parallel
+    from megatron_papo.trainer import checkpoint as ckpt
     from megatron_papo.trainer.loop import Trainer
 
     initialize_model_parallel(cfg.parallel.tp, cfg.parallel.pp, seed=cfg.seed)
+    rank0 = int(os.environ.get("RANK", 0)) == 0
     try:
+        ckpt.preflight(cfg)  # before the models and the engine are built: a refusal costs seconds
         Trainer(cfg).run()
+    except ckpt.CheckpointError as e:
+        if rank0:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
     finally:
         destroy_model_parallel()
     return 0

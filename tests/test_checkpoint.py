@@ -1,7 +1,9 @@
 """Checkpoints:
 - survive a kill during a save: `latest` still names the previous complete checkpoint, the
   half-written one is ignored, and the trainer resumes from the previous one with its weights;
-- hold tensors and JSON only, and resuming unpickles nothing from them (a pickle runs code).
+- hold tensors and JSON only, and resuming unpickles nothing from them (a pickle runs code);
+- record the run's config: a resume that changes the objective is refused with the keys named, a
+  layout change (TP1 -> TP2) resumes with weights and Adam moments resharded.
 """
 import json
 import os
@@ -15,7 +17,8 @@ import pytest
 import torch
 
 from megatron_papo.trainer.checkpoint import CheckpointConfig, find_resume_checkpoint, is_complete
-from tests.distributed import REPO
+from tests.dist.checkpoint_kill import OVERRIDES
+from tests.distributed import REPO, run_distributed
 
 
 def _group(pgid: int) -> list[psutil.Process]:
@@ -34,6 +37,7 @@ def _run(mode: str, out, extra=()) -> tuple[int, str, list]:
     alive 30 s after the worker ended): megatron-core's checkpoint-writer queue manager must exit
     with a SIGKILLed worker (megatron_papo.lifetime). Whatever is left is killed afterwards."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), PYTHONWARNINGS="ignore")
+    out.mkdir(parents=True, exist_ok=True)
     log = out / f"{mode}.log"
     with open(log, "w") as f:
         proc = subprocess.Popen([sys.executable, str(REPO / "tests/dist/checkpoint_kill.py"), mode, str(out),
@@ -88,3 +92,77 @@ def test_resume_unpickles_nothing_from_the_checkpoint(tmp_path, where):
     rc, log, _ = _run("load", tmp_path)
     assert not (tmp_path / "pwned").exists(), "resuming ran code from the checkpoint"
     assert rc != 0 and "not loaded" in log, log[-4000:]
+
+
+def _cli(out, extra=(), timeout=900) -> subprocess.CompletedProcess:
+    """`python -m megatron_papo.train` with the worker's options (so its config matches the worker's)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), PYTHONWARNINGS="ignore", VLLM_CPU_KVCACHE_SPACE="1",
+               VLLM_ENABLE_V1_MULTIPROCESSING="0", TOKENIZERS_PARALLELISM="false")
+    return subprocess.run([sys.executable, "-m", "megatron_papo.train", f"output_dir={out}", *OVERRIDES, *extra],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_resume_with_another_objective_is_refused_naming_the_keys(tmp_path):
+    rc, log, _ = _run("step1", tmp_path)  # preset papo_h (the default)
+    assert rc == 0, log[-4000:]
+    step1 = tmp_path / "checkpoints" / "step_00000001"
+    run = _cli(tmp_path, ["preset=dapo", "steps=2"])
+    assert run.returncode == 2, f"rc={run.returncode}\n{(run.stdout + run.stderr)[-4000:]}"
+    error = run.stderr.strip().splitlines()
+    assert len(error) == 1 and "Traceback" not in run.stderr, run.stderr[-4000:]
+    assert error[0].startswith("error: ") and "preset: papo_h -> dapo" in error[0] and "algo.beta" in error[0], error
+    assert not (tmp_path / "checkpoints" / "step_00000002").exists() and not (tmp_path / "rollout_model").exists()
+    import yaml
+    assert yaml.safe_load((step1 / "run_config.yaml").read_text())["preset"] == "papo_h"
+
+
+def _tensors(step_dir) -> dict[str, torch.Tensor]:
+    """Every tensor of a torch_dist checkpoint, whole (global shape), read in this process."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+    from torch.distributed.checkpoint.state_dict_loader import load
+
+    from megatron_papo.models.qwen2_5_vl.checkpoint_io import _SlicePlanner
+
+    entries = FileSystemReader(str(step_dir)).read_metadata().state_dict_metadata
+    requests = {k: (k, (0,) * len(m.size), torch.empty(m.size, dtype=m.properties.dtype))
+                for k, m in entries.items() if isinstance(m, TensorStorageMetadata)}
+    load({}, storage_reader=FileSystemReader(str(step_dir)), planner=_SlicePlanner(requests), no_dist=True)
+    return {k: dest for k, (_, _, dest) in requests.items()}
+
+
+def test_checkpoint_resumes_at_another_layout(tmp_path):
+    """TP1 -> TP2 -> PP2: weights and Adam moments carry over exactly. Megatron pads the vocabulary
+    to a multiple of 128 x TP: with 1100 tokens the embedding and output layer have 1152 rows at TP1
+    and 1280 at TP2, so the resharded load must fit them too."""
+    from transformers import Qwen2VLImageProcessor
+
+    from megatron_papo.data.tokenizer import save_tiny_tokenizer
+    from megatron_papo.models.qwen2_5_vl.flavors import get_flavor
+    from tests.helpers_hf import save_tiny_hf_folder
+
+    hf = tmp_path / "hf"
+    save_tiny_hf_folder(hf, get_flavor("tiny", vocab_size=1100), seed=3)
+    save_tiny_tokenizer(hf)
+    Qwen2VLImageProcessor(min_pixels=3136, max_pixels=12544).save_pretrained(hf)
+    out = tmp_path / "run"
+    rc, log, _ = _run("optim", out, [f"model.hf_dir={hf}"])
+    assert rc == 0, log[-4000:]
+    log = run_distributed("tests/dist/checkpoint_kill.py", 2, ["load_save", out, f"model.hf_dir={hf}", "parallel.tp=2"])
+    assert log.count("resumed step 1 ") == 2, log[-4000:]
+    log = run_distributed("tests/dist/checkpoint_kill.py", 2, ["load_save", out, f"model.hf_dir={hf}", "parallel.pp=2"])
+    assert log.count("resumed step 2 ") == 2, log[-4000:]
+    first = _tensors(out / "checkpoints" / "step_00000001")
+    assert any(k.startswith("optimizer.state.exp_avg.") for k in first), sorted(first)[:20]
+    for step, layout in ((2, {"pp": 1, "tp": 2, "dp": 1}), (3, {"pp": 2, "tp": 1, "dp": 1})):
+        folder = out / "checkpoints" / f"step_{step:08d}"
+        assert json.loads((folder / "train_state.json").read_text())["layout"] == layout
+        later = _tensors(folder)
+        for key, a in first.items():
+            if key.startswith("rng_state."):  # per rank: restarted from the seed at another layout
+                continue
+            b = later[key]
+            if a.shape != b.shape:  # vocab padding: the 1100 real rows must match
+                assert a.shape[1:] == b.shape[1:] and min(a.shape[0], b.shape[0]) >= 1100, (key, a.shape, b.shape)
+                a, b = a[:1100], b[:1100]
+            assert torch.equal(a, b), (step, key)

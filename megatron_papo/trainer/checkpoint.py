@@ -35,11 +35,21 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torch.distributed as dist
+import yaml
 
+from megatron_papo.config import dump_yaml
 from megatron_papo.lifetime import exit_when_process_ends, this_process
 
 COMPLETE_MARKER = "COMPLETE"
 TRAIN_STATE = "train_state.json"  # step, data position, layout: what the loop restores besides tensors
+RUN_CONFIG = "run_config.yaml"    # the run's resolved config, compared with the resuming run's
+
+# Options a resumed run may change: they change neither what is trained nor how (run length, where
+# and how often it writes, what it reports, memory knobs), or megatron's distributed checkpoint
+# reshards them (TP and PP sizes; DP follows the world size). A section name allows all its options.
+CHANGEABLE_ON_RESUME = {"steps", "output_dir", "checkpoint", "monitor", "parallel.tp", "parallel.pp",
+                        "parallel.sequence_parallel", "parallel.recompute", "model.ref_offload",
+                        "rollout.gpu_memory_utilization", "rollout.bucket_mb"}
 
 
 class CheckpointError(ValueError):
@@ -125,9 +135,10 @@ def layout() -> dict[str, int]:
             "dp": parallel_state.get_data_parallel_world_size()}
 
 
-def _sharded_state_dict(modules: dict, optimizer, is_loading: bool) -> dict[str, Any]:
+def _sharded_state_dict(modules: dict, optimizer, is_loading: bool, rng: bool = True) -> dict[str, Any]:
     """`modules`: name -> model stage; "model" is the trained one (the optimizer's), others (e.g. the
-    reference model) are saved under their name as a key prefix so their tensors do not collide."""
+    reference model) are saved under their name as a key prefix so their tensors do not collide.
+    `rng`: include this rank's RNG states (not when loading at another layout)."""
     from megatron.core import parallel_state
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
@@ -136,6 +147,8 @@ def _sharded_state_dict(modules: dict, optimizer, is_loading: bool) -> dict[str,
     if optimizer is not None and (is_loading or optimizer_has_state(optimizer)):
         sd["optimizer"] = optimizer.sharded_state_dict(sd["model"], is_loading=is_loading)
     sd = _without_objects(sd)
+    if not rng:
+        return sd
     # Each RNG state is a [pp, tp, dp, n] tensor: a resumed rank continues its own streams.
     size = layout()
     ranks = {"pp": parallel_state.get_pipeline_model_parallel_rank(),
@@ -184,11 +197,13 @@ def _start_writer_queue_bound_to_this_process() -> None:
 
 
 def save_checkpoint(cfg: CheckpointConfig, step: int, modules: dict, optimizer, scheduler,
-                    train_state: dict[str, Any], write_extras: Callable[[Path], None] | None = None) -> Path:
+                    train_state: dict[str, Any], run_config: Any = None,
+                    write_extras: Callable[[Path], None] | None = None) -> Path:
     """Collective: every rank calls it. `train_state` (step, data position, ...) is the same on all
-    ranks; rank 0 writes it (JSON-able) to train_state.json. `write_extras(dir)` runs on rank 0 before the checkpoint
-    is marked complete (config.json, tokenizer, ... so tools can read the directory). Returns the
-    final directory."""
+    ranks; rank 0 writes it (JSON-able) to train_state.json, and `run_config` (the run's config
+    dataclass) to run_config.yaml. `write_extras(dir)` runs on rank 0 before the checkpoint is marked
+    complete (config.json, tokenizer, ... so tools can read the directory). Returns the final
+    directory."""
     from megatron.core import dist_checkpointing
 
     root = Path(cfg.save_dir)
@@ -208,6 +223,8 @@ def save_checkpoint(cfg: CheckpointConfig, step: int, modules: dict, optimizer, 
     dist.barrier()
     if rank0:
         (tmp / TRAIN_STATE).write_text(json.dumps(train_state, indent=1) + "\n")
+        if run_config is not None:
+            (tmp / RUN_CONFIG).write_text(dump_yaml(run_config))
         if write_extras is not None:
             write_extras(tmp)
         (tmp / COMPLETE_MARKER).write_text(f"{step}\n")
@@ -229,7 +246,11 @@ def load_checkpoint(path: Path, modules: dict, optimizer, scheduler) -> dict[str
     _check_no_pickles(path)
     if not train_state["optimizer_saved"]:
         optimizer = None  # saved before its first step: the fresh optimizer is that state
-    sd = _sharded_state_dict(modules, optimizer, is_loading=True)
+    same_layout = train_state["layout"] == layout()
+    if not same_layout and dist.get_rank() == 0:
+        print(f"{path} was saved at layout {train_state['layout']}, resuming at {layout()}: weights and optimizer "
+              "state are resharded; RNG streams restart from the seed", flush=True)
+    sd = _sharded_state_dict(modules, optimizer, is_loading=True, rng=same_layout)
     loaded = dist_checkpointing.load(sd, str(path), common_strategy=_weights_only_common_load())
     for name, m in modules.items():
         m.load_state_dict(loaded[name], strict=False)
@@ -237,8 +258,55 @@ def load_checkpoint(path: Path, modules: dict, optimizer, scheduler) -> dict[str
         optimizer.load_state_dict(loaded["optimizer"])
     if scheduler is not None and loaded.get("scheduler") is not None:
         scheduler.load_state_dict(loaded["scheduler"])
-    set_rng_state({k: v.reshape(-1) for k, v in loaded["rng_state"].items()})
+    if same_layout:
+        set_rng_state({k: v.reshape(-1) for k, v in loaded["rng_state"].items()})
     return train_state
+
+
+def check_config(path: Path, cfg: Any) -> None:
+    """Refuse to resume from `path` with options that differ from its run_config.yaml, except
+    CHANGEABLE_ON_RESUME: another objective or data on a checkpoint is another experiment."""
+    f = Path(path) / RUN_CONFIG
+    if not f.is_file():
+        raise CheckpointError(f"{path}: no {RUN_CONFIG}; written by an older megatron_papo: not loaded")
+    saved, now = _flat(yaml.safe_load(f.read_text())), _flat(yaml.safe_load(dump_yaml(cfg)))
+    absent = "(absent)"
+    keys = sorted(saved.keys() | now.keys(), key=lambda k: (k.count("."), k))  # `preset` before `algo.*`
+    differ = [f"{k}: {saved.get(k, absent)} -> {now.get(k, absent)}" for k in keys
+              if saved.get(k, absent) != now.get(k, absent)
+              and k not in CHANGEABLE_ON_RESUME and k.split(".")[0] not in CHANGEABLE_ON_RESUME]
+    if differ:
+        shown = ", ".join(differ[:8]) + (f" (and {len(differ) - 8} more)" if len(differ) > 8 else "")
+        raise CheckpointError(f"cannot resume from {path}: options differ from its {RUN_CONFIG} ({shown}); resume "
+                              "with its values, or start a new run in another output_dir")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def preflight(cfg: Any) -> Path | None:
+    """Collective, before anything is built: the checkpoint this run resumes from (None: a fresh
+    start), after checking it against the run's config. Rank 0 decides and the others get its
+    answer, so that all ranks agree; a CheckpointError is raised on every rank."""
+    answer: list = [None]
+    if dist.get_rank() == 0:
+        try:
+            answer[0] = find_resume_checkpoint(cfg.checkpoint)
+            if answer[0] is not None:
+                check_config(answer[0], cfg)
+        except CheckpointError as e:
+            answer[0] = e
+    dist.broadcast_object_list(answer, src=0)
+    if isinstance(answer[0], CheckpointError):
+        raise answer[0]
+    return answer[0]
 
 
 def read_train_state(path: Path) -> dict[str, Any]:

@@ -4,6 +4,9 @@ trainer (tiny model, no rollout engine) with the overrides and:
     save             a complete checkpoint of step 1, then a save of step 2 SIGKILLed right after
                      megatron-core wrote its files (before our rename/`latest`)
     load             resume as the trainer does and print the step and a weight checksum
+    step1            a checkpoint of step 1
+    optim            one optimizer step on seeded gradients (Adam moments exist), then a checkpoint of step 1
+    load_save        resume, then save the next step (under torchrun: at another layout)
     poison_objects   a checkpoint of step 1 whose RNG state is a pickle that writes OUT/pwned when loaded
     poison_metadata  a checkpoint of step 1 whose .metadata is such a pickle
 """
@@ -15,8 +18,11 @@ from pathlib import Path
 
 import torch
 
+# Also what tests pass to `python -m megatron_papo.train`, whose config must match the worker's.
 OVERRIDES = ["sft_steps=0", "rollout_batch_size=4", "global_batch_size=4", "monitor.tensorboard=false",
-             "checkpoint.keep_last=0"]
+             "monitor.plots=false", "checkpoint.keep_last=0", "rollout.n=2", "rollout.max_new_tokens=8",
+             "rollout.max_prompt_tokens=256",
+             "synthetic.image_size=56", "processor.min_pixels=3136", "processor.max_pixels=12544"]
 
 
 def trainer(out: str, extra=()):
@@ -76,6 +82,16 @@ def main(mode: str, out: str, extra: list[str]) -> None:
             original(sd, *args, **kwargs)
 
         dist_checkpointing.save = save_poisoned
+    if mode == "optim":
+        torch.manual_seed(0)
+        for p in t.models.policy[0].module.parameters():
+            p.main_grad.copy_(torch.randn_like(p.main_grad))
+        t.optimizer.step()
+    if mode in ("step1", "optim"):
+        t.state.step = 1
+        t._save()
+        print(f"saved step 1 checksum={checksum(t)!r}", flush=True)
+        return
     if mode in ("poison_objects", "poison_metadata"):
         t.state.step = 1
         t._save()
@@ -85,6 +101,9 @@ def main(mode: str, out: str, extra: list[str]) -> None:
         print("poisoned checkpoint written", flush=True)
         return
     print(f"resumed step {t.state.step} checksum={checksum(t)!r}", flush=True)
+    if mode == "load_save":
+        t.state.step += 1
+        t._save()
 
 
 if __name__ == "__main__":
