@@ -3,7 +3,8 @@
   half-written one is ignored, and the trainer resumes from the previous one with its weights;
 - hold tensors and JSON only, and resuming unpickles nothing from them (a pickle runs code);
 - record the run's config: a resume that changes the objective is refused with the keys named, a
-  layout change (TP1 -> TP2) resumes with weights and Adam moments resharded.
+  layout change (TP1 -> TP2) resumes with weights and Adam moments resharded;
+- a fresh run never mixes with another run in its folders: it is refused, or moves that run aside.
 """
 import json
 import os
@@ -37,8 +38,7 @@ def _run(mode: str, out, extra=()) -> tuple[int, str, list]:
     alive 30 s after the worker ended): megatron-core's checkpoint-writer queue manager must exit
     with a SIGKILLed worker (megatron_papo.lifetime). Whatever is left is killed afterwards."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), PYTHONWARNINGS="ignore")
-    out.mkdir(parents=True, exist_ok=True)
-    log = out / f"{mode}.log"
+    log = out.parent / f"{out.name}-{mode}.log"  # beside `out`, which a run may move aside
     with open(log, "w") as f:
         proc = subprocess.Popen([sys.executable, str(REPO / "tests/dist/checkpoint_kill.py"), mode, str(out),
                                  *extra],
@@ -166,3 +166,34 @@ def test_checkpoint_resumes_at_another_layout(tmp_path):
                 assert a.shape[1:] == b.shape[1:] and min(a.shape[0], b.shape[0]) >= 1100, (key, a.shape, b.shape)
                 a, b = a[:1100], b[:1100]
             assert torch.equal(a, b), (step, key)
+
+
+def _old_run(out) -> list[str]:
+    """A finished run in `out`: checkpoint step_00000001 and 7 metrics rows. Returns what it holds."""
+    rc, log, _ = _run("step1", out)
+    assert rc == 0, log[-4000:]
+    (out / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "reward": 0.5}) + "\n" for s in range(1, 8)))
+    return sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+
+
+def test_fresh_run_into_a_folder_holding_another_run_is_refused(tmp_path):
+    out = tmp_path / "run"
+    before = _old_run(out)
+    run = _cli(out, ["steps=1", "checkpoint.resume=none"])
+    assert run.returncode == 2, f"rc={run.returncode}\n{(run.stdout + run.stderr)[-4000:]}"
+    error = run.stderr.strip().splitlines()
+    assert len(error) == 1 and "Traceback" not in run.stderr, run.stderr[-4000:]
+    assert "--resume auto" in error[0] and "checkpoint.on_existing_run=move" in error[0], error
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*")) == before  # nothing written or deleted
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 7
+
+
+def test_fresh_run_can_move_the_other_run_aside(tmp_path):
+    out = tmp_path / "run"
+    before = _old_run(out)
+    rc, log, _ = _run("preflight", out, ["checkpoint.resume=none", "checkpoint.on_existing_run=move"])
+    assert rc == 0 and "resume from: None" in log, log[-4000:]
+    aside = tmp_path / "run.previous_1"
+    assert f"moved {out} to {aside}" in log, log[-4000:]
+    assert not out.exists()
+    assert sorted(str(p.relative_to(aside)) for p in aside.rglob("*")) == before

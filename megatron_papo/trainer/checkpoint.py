@@ -30,7 +30,7 @@ import signal
 from dataclasses import dataclass
 from multiprocessing.managers import SyncManager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import numpy as np
 import torch
@@ -63,6 +63,9 @@ class CheckpointConfig:
     keep_last: int = 2            # keep this many newest complete checkpoints (0: keep all)
     resume: str = "auto"          # "auto" = newest complete checkpoint in save_dir if any; "none"; or a path
     save_on_signal: bool = True   # SIGTERM/SIGUSR1 -> save at the end of the current step, exit 0
+    on_existing_run: Literal["refuse", "move"] = "refuse"  # a fresh run whose output_dir/save_dir hold
+                                  # another run's metrics or checkpoints: "refuse" (an error saying how to
+                                  # proceed) or "move" (rename those folders to <folder>.previous_<n> first)
 
 
 def step_dir(save_dir: str | Path, step: int) -> Path:
@@ -90,8 +93,13 @@ def find_resume_checkpoint(cfg: CheckpointConfig) -> Path | None:
         if is_complete(path):
             return path
     # `latest` missing or stale: the newest complete directory wins.
-    candidates = sorted(p for p in root.glob("step_*") if is_complete(p))
+    candidates = complete_checkpoints(root)
     return candidates[-1] if candidates else None
+
+
+def complete_checkpoints(save_dir: str | Path) -> list[Path]:
+    """Oldest first."""
+    return sorted(p for p in Path(save_dir).glob("step_*") if is_complete(p))
 
 
 def rng_state() -> dict[str, torch.Tensor]:
@@ -293,20 +301,60 @@ def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
 
 def preflight(cfg: Any) -> Path | None:
     """Collective, before anything is built: the checkpoint this run resumes from (None: a fresh
-    start), after checking it against the run's config. Rank 0 decides and the others get its
-    answer, so that all ranks agree; a CheckpointError is raised on every rank."""
+    start), checked against the run's config, and never mixed with another run in its folders (the
+    new run's checkpoints would sort among the old ones, keep_last delete them first and a later
+    `--resume auto` continue the old run). Rank 0 decides, and moves folders aside, and the others
+    get its answer, so that all ranks agree; a CheckpointError is raised on every rank."""
     answer: list = [None]
     if dist.get_rank() == 0:
         try:
-            answer[0] = find_resume_checkpoint(cfg.checkpoint)
-            if answer[0] is not None:
-                check_config(answer[0], cfg)
+            answer[0] = _resume_point(cfg)
         except CheckpointError as e:
             answer[0] = e
     dist.broadcast_object_list(answer, src=0)
     if isinstance(answer[0], CheckpointError):
         raise answer[0]
     return answer[0]
+
+
+def _resume_point(cfg: Any) -> Path | None:
+    ck = cfg.checkpoint
+    out, save_dir = Path(cfg.output_dir).resolve(), Path(ck.save_dir).resolve()
+    path = find_resume_checkpoint(ck)
+    if path is not None:
+        check_config(path, cfg)
+        if path.parent.resolve() == save_dir:  # this run's own checkpoint
+            newer = [p.name for p in complete_checkpoints(save_dir) if p.name > path.name]
+            if newer:
+                raise CheckpointError(f"checkpoint.resume={ck.resume}: {save_dir} also holds newer checkpoints "
+                                      f"({', '.join(newer)}), which would mix with this run's: move them away, "
+                                      "or resume into another output_dir")
+            return path
+    metrics = out / "metrics.jsonl"
+    rows = len(metrics.read_text().strip().splitlines()) if metrics.is_file() else 0
+    others = complete_checkpoints(save_dir)
+    if not rows and not others:
+        return path
+    folders = [f for f in [out] + [save_dir] * (not save_dir.is_relative_to(out)) if f.exists()]
+    if path is None and ck.on_existing_run == "move":
+        for folder in folders:
+            aside = _aside(folder)
+            os.rename(folder, aside)
+            print(f"moved {folder} to {aside} (checkpoint.on_existing_run=move)", flush=True)
+        return None
+    held = [f"{rows} rows of {metrics}"] * bool(rows) + [f"{len(others)} checkpoints in {save_dir}"] * bool(others)
+    hints = (["continue it with --resume auto"] * bool(others and path is None) + ["use another output_dir"]
+             + [f"set checkpoint.on_existing_run=move to rename {' and '.join(map(str, folders))} to "
+                f"{' and '.join(str(_aside(f)) for f in folders)}"] * (path is None))
+    raise CheckpointError(f"{' and '.join(held)} belong to another run, which this run would mix with: "
+                          + ", or ".join(hints))
+
+
+def _aside(folder: Path) -> Path:
+    n = 1
+    while folder.with_name(f"{folder.name}.previous_{n}").exists():
+        n += 1
+    return folder.with_name(f"{folder.name}.previous_{n}")
 
 
 def read_train_state(path: Path) -> dict[str, Any]:
@@ -376,8 +424,7 @@ def _write_atomic(path: Path, text: str) -> None:
 def _prune(root: Path, keep_last: int) -> None:
     if keep_last <= 0:
         return
-    complete = sorted(p for p in root.glob("step_*") if is_complete(p))
-    for old in complete[:-keep_last]:
+    for old in complete_checkpoints(root)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
 
 

@@ -7,6 +7,7 @@ trainer (tiny model, no rollout engine) with the overrides and:
     step1            a checkpoint of step 1
     optim            one optimizer step on seeded gradients (Adam moments exist), then a checkpoint of step 1
     load_save        resume, then save the next step (under torchrun: at another layout)
+    preflight        only megatron_papo.train's checks before a run (print the checkpoint it would resume)
     poison_objects   a checkpoint of step 1 whose RNG state is a pickle that writes OUT/pwned when loaded
     poison_metadata  a checkpoint of step 1 whose .metadata is such a pickle
 """
@@ -52,6 +53,15 @@ class WritesMarker:
 def main(mode: str, out: str, extra: list[str]) -> None:
     from megatron.core import dist_checkpointing
 
+    if mode == "preflight":
+        from megatron_papo.parallel import initialize_model_parallel
+        from megatron_papo.train import resolve_config
+        from megatron_papo.trainer.checkpoint import preflight
+
+        cfg = resolve_config(None, [f"output_dir={out}", *OVERRIDES, *extra])
+        initialize_model_parallel(cfg.parallel.tp, cfg.parallel.pp, seed=cfg.seed)
+        print(f"resume from: {preflight(cfg)}", flush=True)
+        return
     t = trainer(out, extra)
     marker = Path(out) / "pwned"
     if mode == "save":
