@@ -57,7 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     initialize_model_parallel(cfg.parallel.tp, cfg.parallel.pp, seed=cfg.seed)
     rank0 = int(os.environ.get("RANK", 0)) == 0
     try:
-        ckpt.preflight(cfg)  # before the models and the engine are built: a refusal costs seconds
+        resume_from = ckpt.preflight(cfg)  # before models and engine are built: a refusal costs seconds
+        done = ckpt.read_train_state(resume_from)["step"] if resume_from is not None else -1
+        if done >= cfg.steps:
+            if rank0:
+                print(f"nothing to do: checkpoint at step {done} >= steps={cfg.steps}", flush=True)
+            return 0
         Trainer(cfg).run()
     except ckpt.CheckpointError as e:
         if rank0:

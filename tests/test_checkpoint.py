@@ -4,7 +4,9 @@
 - hold tensors and JSON only, and resuming unpickles nothing from them (a pickle runs code);
 - record the run's config: a resume that changes the objective is refused with the keys named, a
   layout change (TP1 -> TP2) resumes with weights and Adam moments resharded;
-- a fresh run never mixes with another run in its folders: it is refused, or moves that run aside.
+- a fresh run never mixes with another run in its folders: it is refused, or moves that run aside;
+- a kill while old checkpoints are deleted leaves nothing behind, and a resume with nothing left to
+  do says so and exits before building the rollout engine.
 """
 import json
 import os
@@ -197,3 +199,21 @@ def test_fresh_run_can_move_the_other_run_aside(tmp_path):
     assert f"moved {out} to {aside}" in log, log[-4000:]
     assert not out.exists()
     assert sorted(str(p.relative_to(aside)) for p in aside.rglob("*")) == before
+
+
+def test_kill_while_pruning_leaves_no_folder_behind(tmp_path):
+    rc, log, _ = _run("prune", tmp_path, ["checkpoint.keep_last=1"])
+    assert rc == -signal.SIGKILL, log[-4000:]
+    rc, log, _ = _run("load_save", tmp_path, ["checkpoint.keep_last=1"])
+    assert rc == 0 and "resumed step 3 " in log, log[-4000:]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step_00000004"]
+
+
+def test_resume_with_nothing_left_to_do_exits_before_the_engine(tmp_path):
+    rc, log, _ = _run("step1", tmp_path)
+    assert rc == 0, log[-4000:]
+    # the options a resumed run may change do not stop it
+    run = _cli(tmp_path, ["steps=1", "checkpoint.keep_last=3", "checkpoint.save_interval=5", "monitor.alarm_window=3"])
+    assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
+    assert "nothing to do: checkpoint at step 1 >= steps=1" in run.stdout, (run.stdout + run.stderr)[-4000:]
+    assert not (tmp_path / "rollout_model").exists(), "the rollout engine was built"

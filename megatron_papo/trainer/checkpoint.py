@@ -3,9 +3,12 @@ RNG states, the data position and the step; written atomically; `resume=auto` pi
 complete one; SIGTERM / SIGUSR1 (SLURM preemption) request a save and a clean exit.
 
 Layout under `save_dir`:
-    step_00000010/          a complete checkpoint (megatron-core torch_dist format + our COMPLETE)
-    step_00000020.tmp/      a save in progress (or killed): never read, removed by the next save
-    latest                  text file with the newest complete step, replaced atomically
+    step_00000010/              a complete checkpoint (megatron-core torch_dist format, train_state.json,
+                                run_config.yaml, our COMPLETE)
+    step_00000020.tmp/          a save in progress (or killed): never read, removed by the next save
+    step_00000000.deleted.tmp/  a checkpoint being deleted (keep_last), renamed first so that a kill
+                                never leaves a half-deleted step_* folder; removed by the next save
+    latest                      text file with the newest complete step, replaced atomically
 
 Atomicity: every rank writes into `step_N.tmp`; after a barrier, rank 0 writes COMPLETE, renames
 the directory to `step_N` (one rename: a kill leaves either the old or the new name) and then
@@ -219,8 +222,9 @@ def save_checkpoint(cfg: CheckpointConfig, step: int, modules: dict, optimizer, 
     tmp = final.with_name(final.name + ".tmp")
     rank0 = dist.get_rank() == 0
     if rank0:
-        for stale in root.glob("step_*.tmp"):
-            shutil.rmtree(stale, ignore_errors=True)
+        for stale in root.glob("step_*"):  # killed saves and deletions
+            if not is_complete(stale):
+                shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
     sd = _sharded_state_dict(modules, optimizer, is_loading=False)
@@ -237,7 +241,7 @@ def save_checkpoint(cfg: CheckpointConfig, step: int, modules: dict, optimizer, 
             write_extras(tmp)
         (tmp / COMPLETE_MARKER).write_text(f"{step}\n")
         if final.exists():  # a re-save of the same step (e.g. signal right after a periodic save)
-            shutil.rmtree(final)
+            _delete(final)
         os.replace(tmp, final)
         _write_atomic(root / "latest", f"{step}\n")
         _prune(root, cfg.keep_last)
@@ -425,7 +429,15 @@ def _prune(root: Path, keep_last: int) -> None:
     if keep_last <= 0:
         return
     for old in complete_checkpoints(root)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        _delete(old)
+
+
+def _delete(path: Path) -> None:
+    """Rename, then delete: a kill midway leaves a `.tmp` name that the next save removes, never a
+    half-deleted folder under a checkpoint's name."""
+    doomed = path.with_name(path.name + ".deleted.tmp")
+    os.replace(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 class PreemptionHandler:

@@ -5,6 +5,8 @@ trainer (tiny model, no rollout engine) with the overrides and:
                      megatron-core wrote its files (before our rename/`latest`)
     load             resume as the trainer does and print the step and a weight checksum
     step1            a checkpoint of step 1
+    prune            (with checkpoint.keep_last=1) checkpoints of steps 1, 2, 3; SIGKILLed while the save of
+                     step 3 deletes step 2, after it deleted two files
     optim            one optimizer step on seeded gradients (Adam moments exist), then a checkpoint of step 1
     load_save        resume, then save the next step (under torchrun: at another layout)
     preflight        only megatron_papo.train's checks before a run (print the checkpoint it would resume)
@@ -13,6 +15,7 @@ trainer (tiny model, no rollout engine) with the overrides and:
 """
 import os
 import pickle
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -92,6 +95,23 @@ def main(mode: str, out: str, extra: list[str]) -> None:
             original(sd, *args, **kwargs)
 
         dist_checkpointing.save = save_poisoned
+    if mode == "prune":
+        for step in (1, 2):
+            t.state.step = step
+            t._save()
+        rmtree = shutil.rmtree
+
+        def rmtree_then_die(path, *args, **kwargs):
+            if Path(path).name.startswith("step_00000002"):
+                for f in sorted(Path(path).iterdir())[:2]:
+                    f.unlink()
+                os.kill(os.getpid(), signal.SIGKILL)
+            rmtree(path, *args, **kwargs)
+
+        shutil.rmtree = rmtree_then_die
+        t.state.step = 3
+        t._save()
+        raise AssertionError("unreachable: the pruning of step 2 should have been killed")
     if mode == "optim":
         torch.manual_seed(0)
         for p in t.models.policy[0].module.parameters():
