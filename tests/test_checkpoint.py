@@ -11,6 +11,7 @@
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -98,8 +99,8 @@ def test_resume_unpickles_nothing_from_the_checkpoint(tmp_path, where):
 
 def _cli(out, extra=(), timeout=900) -> subprocess.CompletedProcess:
     """`python -m megatron_papo.train` with the worker's options (so its config matches the worker's)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), PYTHONWARNINGS="ignore", VLLM_CPU_KVCACHE_SPACE="1",
-               VLLM_ENABLE_V1_MULTIPROCESSING="0", TOKENIZERS_PARALLELISM="false")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), PYTHONWARNINGS="ignore",
+               VLLM_CPU_KVCACHE_SPACE="1", VLLM_ENABLE_V1_MULTIPROCESSING="0", TOKENIZERS_PARALLELISM="false")
     return subprocess.run([sys.executable, "-m", "megatron_papo.train", f"output_dir={out}", *OVERRIDES, *extra],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -199,6 +200,24 @@ def test_fresh_run_can_move_the_other_run_aside(tmp_path):
     assert f"moved {out} to {aside}" in log, log[-4000:]
     assert not out.exists()
     assert sorted(str(p.relative_to(aside)) for p in aside.rglob("*")) == before
+
+
+def test_resume_never_mixes_with_other_checkpoints(tmp_path):
+    """An older checkpoint beside newer ones, or another folder's checkpoint into a folder holding a
+    run: either resume would interleave two runs."""
+    out = tmp_path / "run"
+    _old_run(out)
+    mine = out / "checkpoints" / "step_00000001"
+    shutil.copytree(mine, out / "checkpoints" / "step_00000003")
+    rc, log, _ = _run("preflight", out, [f"checkpoint.resume={mine}"])
+    assert rc != 0 and "also holds newer checkpoints (step_00000003)" in log, log[-4000:]
+    elsewhere = tmp_path / "elsewhere" / "step_00000001"
+    elsewhere.parent.mkdir()
+    (out / "checkpoints" / "step_00000003").rename(elsewhere)
+    rc, log, _ = _run("preflight", out, [f"checkpoint.resume={elsewhere}", "checkpoint.on_existing_run=move"])
+    assert rc != 0 and "belong to another run" in log and "on_existing_run=move to" not in log, log[-4000:]
+    rc, log, _ = _run("preflight", tmp_path / "new", [f"checkpoint.resume={elsewhere}"])
+    assert rc == 0 and f"resume from: {elsewhere}" in log, log[-4000:]
 
 
 def test_kill_while_pruning_leaves_no_folder_behind(tmp_path):
