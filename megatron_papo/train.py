@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from megatron_papo.parallel import ParallelContext, destroy_model_parallel, initialize_model_parallel
+    from megatron_papo.trainer import checkpoint as ckpt
     from megatron_papo.trainer.loop import Trainer
 
     try:
@@ -57,8 +58,17 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError) as e:
         return _error(e)
     initialize_model_parallel(cfg.parallel.tp, cfg.parallel.pp, seed=cfg.seed)
+    rank0 = int(os.environ.get("RANK", 0)) == 0
     try:
+        resume_from = ckpt.preflight(cfg)  # before models and engine are built: a refusal costs seconds
+        done = ckpt.read_train_state(resume_from)["step"] if resume_from is not None else -1
+        if done >= cfg.steps:
+            if rank0:
+                print(f"nothing to do: checkpoint at step {done} >= steps={cfg.steps}", flush=True)
+            return 0
         Trainer(cfg, ParallelContext.from_megatron(cfg.rollout.tp)).run()
+    except ckpt.CheckpointError as e:
+        return _error(e)
     finally:
         destroy_model_parallel()
     return 0

@@ -3,33 +3,60 @@ RNG states, the data position and the step; written atomically; `resume=auto` pi
 complete one; SIGTERM / SIGUSR1 (SLURM preemption) request a save and a clean exit.
 
 Layout under `save_dir`:
-    step_00000010/          a complete checkpoint (megatron-core torch_dist format + our COMPLETE)
-    step_00000020.tmp/      a save in progress (or killed): never read, removed by the next save
-    latest                  text file with the newest complete step, replaced atomically
+    step_00000010/              a complete checkpoint (megatron-core torch_dist format, train_state.json,
+                                run_config.yaml, our COMPLETE)
+    step_00000020.tmp/          a save in progress (or killed): never read, removed by the next save
+    step_00000000.deleted.tmp/  a checkpoint being deleted (keep_last), renamed first so that a kill
+                                never leaves a half-deleted step_* folder; removed by the next save
+    latest                      text file with the newest complete step, replaced atomically
 
 Atomicity: every rank writes into `step_N.tmp`; after a barrier, rank 0 writes COMPLETE, renames
 the directory to `step_N` (one rename: a kill leaves either the old or the new name) and then
 replaces `latest` (write + os.replace). A kill at any point leaves `latest` naming a complete one.
+
+No pickles: a checkpoint may come from anyone, and unpickling runs code. A checkpoint holds tensors
+(weights, optimizer state, every rank's RNG states), `common.pt` (scheduler and optimizer
+hyperparameters: read with torch.load(weights_only=True)) and `train_state.json`. megatron-core's
+per-layer `_extra_state` objects (empty without transformer-engine fp8) are left out. On resume,
+`.metadata` (torch.distributed.checkpoint's index, a pickle) is read with an allow-list of its own
+classes first, and a checkpoint holding any pickled object is refused.
 """
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
+import pickle
 import random
 import shutil
 import signal
 from dataclasses import dataclass
 from multiprocessing.managers import SyncManager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import yaml
 
+from megatron_papo.config import dump_yaml
 from megatron_papo.lifetime import exit_when_process_ends, this_process
 
 COMPLETE_MARKER = "COMPLETE"
+TRAIN_STATE = "train_state.json"  # step, data position, layout: what the loop restores besides tensors
+RUN_CONFIG = "run_config.yaml"    # the run's resolved config, compared with the resuming run's
+
+# Options a resumed run may change: they change neither what is trained nor how (run length, where
+# and how often it writes, what it reports, memory knobs), or megatron's distributed checkpoint
+# reshards them (TP and PP sizes; DP follows the world size). A section name allows all its options.
+CHANGEABLE_ON_RESUME = {"steps", "output_dir", "checkpoint", "monitor", "parallel.tp", "parallel.pp",
+                        "parallel.sequence_parallel", "parallel.recompute", "model.ref_offload",
+                        "rollout.gpu_memory_utilization", "rollout.bucket_mb"}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint this run must not load, or folders it must not write into; one line saying why."""
 
 
 @dataclass
@@ -39,6 +66,9 @@ class CheckpointConfig:
     keep_last: int = 2            # keep this many newest complete checkpoints (0: keep all)
     resume: str = "auto"          # "auto" = newest complete checkpoint in save_dir if any; "none"; or a path
     save_on_signal: bool = True   # SIGTERM/SIGUSR1 -> save at the end of the current step, exit 0
+    on_existing_run: Literal["refuse", "move"] = "refuse"  # a fresh run whose output_dir/save_dir hold
+                                  # another run's metrics or checkpoints: "refuse" (an error saying how to
+                                  # proceed) or "move" (rename those folders to <folder>.previous_<n> first)
 
 
 def step_dir(save_dir: str | Path, step: int) -> Path:
@@ -66,53 +96,93 @@ def find_resume_checkpoint(cfg: CheckpointConfig) -> Path | None:
         if is_complete(path):
             return path
     # `latest` missing or stale: the newest complete directory wins.
-    candidates = sorted(p for p in root.glob("step_*") if is_complete(p))
+    candidates = complete_checkpoints(root)
     return candidates[-1] if candidates else None
 
 
-def rng_state() -> dict[str, Any]:
+def complete_checkpoints(save_dir: str | Path) -> list[Path]:
+    """Oldest first."""
+    return sorted(p for p in Path(save_dir).glob("step_*") if is_complete(p))
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    """This rank's RNG states (python, numpy, torch, cuda, megatron's tracker) as tensors."""
     from megatron.core import tensor_parallel
 
-    return {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
-    }
+    _, mt, gauss = random.getstate()
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": torch.tensor(mt, dtype=torch.int64),
+             "python_gauss": torch.tensor([gauss is not None, gauss or 0.0], dtype=torch.float64),
+             "numpy": torch.tensor([*keys.tolist(), pos, has_gauss], dtype=torch.int64),
+             "numpy_gauss": torch.tensor([cached], dtype=torch.float64),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    for name, tracker_state in tensor_parallel.get_cuda_rng_tracker().get_states().items():
+        state[f"tracker.{name}"] = tracker_state
+    return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, torch.Tensor]) -> None:
     from megatron.core import tensor_parallel
 
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    has_gauss, gauss = state["python_gauss"].tolist()
+    random.setstate((3, tuple(state["python"].tolist()), gauss if has_gauss else None))
+    numpy = state["numpy"].tolist()
+    np.random.set_state(("MT19937", np.array(numpy[:624], dtype=np.uint32), numpy[624], numpy[625],
+                         state["numpy_gauss"].item()))
     torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and torch.cuda.is_available():
+    if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(
+        {k.removeprefix("tracker."): v for k, v in state.items() if k.startswith("tracker.")})
 
 
-def _sharded_state_dict(modules: dict, optimizer, is_loading: bool) -> dict[str, Any]:
-    """`modules`: name -> model stage; "model" is the trained one (the optimizer's), others (e.g. the
-    reference model) are saved under their name as a key prefix so their tensors do not collide."""
+def layout() -> dict[str, int]:
     from megatron.core import parallel_state
-    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    return {"pp": parallel_state.get_pipeline_model_parallel_world_size(),
+            "tp": parallel_state.get_tensor_model_parallel_world_size(),
+            "dp": parallel_state.get_data_parallel_world_size()}
+
+
+def _sharded_state_dict(modules: dict, optimizer, is_loading: bool, rng: bool = True) -> dict[str, Any]:
+    """`modules`: name -> model stage; "model" is the trained one (the optimizer's), others (e.g. the
+    reference model) are saved under their name as a key prefix so their tensors do not collide.
+    `rng`: include this rank's RNG states (not when loading at another layout)."""
+    from megatron.core import parallel_state
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
     sd: dict[str, Any] = {name: m.sharded_state_dict(prefix="" if name == "model" else f"{name}.")
                           for name, m in modules.items()}
     if optimizer is not None and (is_loading or optimizer_has_state(optimizer)):
         sd["optimizer"] = optimizer.sharded_state_dict(sd["model"], is_loading=is_loading)
-    # One RNG object per (pp, tp, dp) rank: a resumed rank continues its own streams.
-    pp, tp, dp = (parallel_state.get_pipeline_model_parallel_world_size(),
-                  parallel_state.get_tensor_model_parallel_world_size(),
-                  parallel_state.get_data_parallel_world_size())
-    pp_r, tp_r, dp_r = (parallel_state.get_pipeline_model_parallel_rank(),
-                        parallel_state.get_tensor_model_parallel_rank(),
-                        parallel_state.get_data_parallel_rank())
-    sd["rng_state"] = ShardedObject("rng_state", rng_state() if not is_loading else None, (pp, tp, dp), (pp_r, tp_r, dp_r),
-                                    replica_id=0)
+    sd = _without_objects(sd)
+    if not rng:
+        return sd
+    # Each RNG state is a [pp, tp, dp, n] tensor: a resumed rank continues its own streams.
+    size = layout()
+    ranks = {"pp": parallel_state.get_pipeline_model_parallel_rank(),
+             "tp": parallel_state.get_tensor_model_parallel_rank(),
+             "dp": parallel_state.get_data_parallel_rank()}
+    sd["rng_state"] = {name: ShardedTensor.from_rank_offsets(
+        f"rng_state.{name}", t.reshape(1, 1, 1, -1), *((axis, ranks[k], size[k]) for axis, k in enumerate(size)),
+        replica_id=0) for name, t in rng_state().items()}
     return sd
+
+
+def _without_objects(sd: dict[str, Any]) -> dict[str, Any]:
+    """`sd` less megatron-core's ShardedObjects (pickled on save): only the layers' `_extra_state`
+    (transformer-engine fp8 metadata, empty here) are such; any other is an error, not a silent loss."""
+    from megatron.core.dist_checkpointing.dict_utils import extract_matching_values, nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    objects, rest = extract_matching_values(sd, lambda v: isinstance(v, ShardedObject))
+    others = [o.key for o in nested_values(objects) if not o.key.endswith("_extra_state")]
+    if others:
+        raise CheckpointError(f"state to checkpoint holds objects {others[:3]} that would be pickled; "
+                              "checkpoints hold tensors only")
+    return rest
 
 
 def optimizer_has_state(optimizer) -> bool:
@@ -138,11 +208,13 @@ def _start_writer_queue_bound_to_this_process() -> None:
 
 
 def save_checkpoint(cfg: CheckpointConfig, step: int, modules: dict, optimizer, scheduler,
-                    train_state: dict[str, Any], write_extras: Callable[[Path], None] | None = None) -> Path:
+                    train_state: dict[str, Any], run_config: Any = None,
+                    write_extras: Callable[[Path], None] | None = None) -> Path:
     """Collective: every rank calls it. `train_state` (step, data position, ...) is the same on all
-    ranks and saved once as common state. `write_extras(dir)` runs on rank 0 before the checkpoint
-    is marked complete (config.json, tokenizer, ... so tools can read the directory). Returns the
-    final directory."""
+    ranks; rank 0 writes it (JSON-able) to train_state.json, and `run_config` (the run's config
+    dataclass) to run_config.yaml. `write_extras(dir)` runs on rank 0 before the checkpoint is marked
+    complete (config.json, tokenizer, ... so tools can read the directory). Returns the final
+    directory."""
     from megatron.core import dist_checkpointing
 
     root = Path(cfg.save_dir)
@@ -150,22 +222,26 @@ def save_checkpoint(cfg: CheckpointConfig, step: int, modules: dict, optimizer, 
     tmp = final.with_name(final.name + ".tmp")
     rank0 = dist.get_rank() == 0
     if rank0:
-        for stale in root.glob("step_*.tmp"):
-            shutil.rmtree(stale, ignore_errors=True)
+        for stale in root.glob("step_*"):  # killed saves and deletions
+            if not is_complete(stale):
+                shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
     sd = _sharded_state_dict(modules, optimizer, is_loading=False)
-    sd["train_state"] = dict(train_state, step=step, optimizer_saved="optimizer" in sd)
+    train_state = dict(train_state, step=step, optimizer_saved="optimizer" in sd, layout=layout())
     sd["scheduler"] = scheduler.state_dict() if scheduler is not None else None
     _start_writer_queue_bound_to_this_process()
     dist_checkpointing.save(sd, str(tmp))
     dist.barrier()
     if rank0:
+        (tmp / TRAIN_STATE).write_text(json.dumps(train_state, indent=1) + "\n")
+        if run_config is not None:
+            (tmp / RUN_CONFIG).write_text(dump_yaml(run_config))
         if write_extras is not None:
             write_extras(tmp)
         (tmp / COMPLETE_MARKER).write_text(f"{step}\n")
         if final.exists():  # a re-save of the same step (e.g. signal right after a periodic save)
-            shutil.rmtree(final)
+            _delete(final)
         os.replace(tmp, final)
         _write_atomic(root / "latest", f"{step}\n")
         _prune(root, cfg.keep_last)
@@ -175,22 +251,169 @@ def save_checkpoint(cfg: CheckpointConfig, step: int, modules: dict, optimizer, 
 
 def load_checkpoint(path: Path, modules: dict, optimizer, scheduler) -> dict[str, Any]:
     """Collective. Loads into the given model/optimizer/scheduler, restores this rank's RNG
-    states, and returns the saved train_state."""
+    states, and returns the saved train_state. Unpickles nothing from the checkpoint."""
     from megatron.core import dist_checkpointing
 
-    common = dist_checkpointing.load_common_state_dict(str(path))
-    if not common["train_state"].get("optimizer_saved", True):
+    train_state = read_train_state(path)
+    _check_no_pickles(path)
+    if not train_state["optimizer_saved"]:
         optimizer = None  # saved before its first step: the fresh optimizer is that state
-    sd = _sharded_state_dict(modules, optimizer, is_loading=True)
-    loaded = dist_checkpointing.load(sd, str(path))
+    same_layout = train_state["layout"] == layout()
+    if not same_layout and dist.get_rank() == 0:
+        print(f"{path} was saved at layout {train_state['layout']}, resuming at {layout()}: weights and optimizer "
+              "state are resharded; RNG streams restart from the seed", flush=True)
+    sd = _sharded_state_dict(modules, optimizer, is_loading=True, rng=same_layout)
+    loaded = dist_checkpointing.load(sd, str(path), common_strategy=_weights_only_common_load())
     for name, m in modules.items():
         m.load_state_dict(loaded[name], strict=False)
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
-    if scheduler is not None and common.get("scheduler") is not None:
-        scheduler.load_state_dict(common["scheduler"])
-    set_rng_state(loaded["rng_state"])
-    return common["train_state"]
+    if scheduler is not None and loaded.get("scheduler") is not None:
+        scheduler.load_state_dict(loaded["scheduler"])
+    if same_layout:
+        set_rng_state({k: v.reshape(-1) for k, v in loaded["rng_state"].items()})
+    return train_state
+
+
+def check_config(path: Path, cfg: Any) -> None:
+    """Refuse to resume from `path` with options that differ from its run_config.yaml, except
+    CHANGEABLE_ON_RESUME: another objective or data on a checkpoint is another experiment."""
+    f = Path(path) / RUN_CONFIG
+    if not f.is_file():
+        raise CheckpointError(f"{path}: no {RUN_CONFIG}; written by an older megatron_papo: not loaded")
+    saved, now = _flat(yaml.safe_load(f.read_text())), _flat(yaml.safe_load(dump_yaml(cfg)))
+    absent = "(absent)"
+    keys = sorted(saved.keys() | now.keys(), key=lambda k: (k.count("."), k))  # `preset` before `algo.*`
+    differ = [f"{k}: {saved.get(k, absent)} -> {now.get(k, absent)}" for k in keys
+              if saved.get(k, absent) != now.get(k, absent)
+              and k not in CHANGEABLE_ON_RESUME and k.split(".")[0] not in CHANGEABLE_ON_RESUME]
+    if differ:
+        shown = ", ".join(differ[:8]) + (f" (and {len(differ) - 8} more)" if len(differ) > 8 else "")
+        raise CheckpointError(f"cannot resume from {path}: options differ from its {RUN_CONFIG} ({shown}); resume "
+                              "with its values, or start a new run in another output_dir")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def preflight(cfg: Any) -> Path | None:
+    """Collective, before anything is built: the checkpoint this run resumes from (None: a fresh
+    start), checked against the run's config, and never mixed with another run in its folders (the
+    new run's checkpoints would sort among the old ones, keep_last delete them first and a later
+    `--resume auto` continue the old run). Rank 0 decides, and moves folders aside, and the others
+    get its answer, so that all ranks agree; a CheckpointError is raised on every rank."""
+    answer: list = [None]
+    if dist.get_rank() == 0:
+        try:
+            answer[0] = _resume_point(cfg)
+        except CheckpointError as e:
+            answer[0] = e
+    dist.broadcast_object_list(answer, src=0)
+    if isinstance(answer[0], CheckpointError):
+        raise answer[0]
+    return answer[0]
+
+
+def _resume_point(cfg: Any) -> Path | None:
+    ck = cfg.checkpoint
+    out, save_dir = Path(cfg.output_dir).resolve(), Path(ck.save_dir).resolve()
+    path = find_resume_checkpoint(ck)
+    if path is not None:
+        check_config(path, cfg)
+        if path.parent.resolve() == save_dir:  # this run's own checkpoint
+            newer = [p.name for p in complete_checkpoints(save_dir) if p.name > path.name]
+            if newer:
+                raise CheckpointError(f"checkpoint.resume={ck.resume}: {save_dir} also holds newer checkpoints "
+                                      f"({', '.join(newer)}), which would mix with this run's: move them away, "
+                                      "or resume into another output_dir")
+            return path
+    metrics = out / "metrics.jsonl"
+    rows = len(metrics.read_text().strip().splitlines()) if metrics.is_file() else 0
+    others = complete_checkpoints(save_dir)
+    if not rows and not others:
+        return path
+    folders = [f for f in [out] + [save_dir] * (not save_dir.is_relative_to(out)) if f.exists()]
+    if path is None and ck.on_existing_run == "move":
+        for folder in folders:
+            aside = _aside(folder)
+            os.rename(folder, aside)
+            print(f"moved {folder} to {aside} (checkpoint.on_existing_run=move)", flush=True)
+        return None
+    held = [f"{rows} rows of {metrics}"] * bool(rows) + [f"{len(others)} checkpoints in {save_dir}"] * bool(others)
+    hints = (["continue it with --resume auto"] * bool(others and path is None) + ["use another output_dir"]
+             + [f"set checkpoint.on_existing_run=move to rename {' and '.join(map(str, folders))} to "
+                f"{' and '.join(str(_aside(f)) for f in folders)}"] * (path is None))
+    raise CheckpointError(f"{' and '.join(held)} belong to another run, which this run would mix with: "
+                          + ", or ".join(hints))
+
+
+def _aside(folder: Path) -> Path:
+    n = 1
+    while folder.with_name(f"{folder.name}.previous_{n}").exists():
+        n += 1
+    return folder.with_name(f"{folder.name}.previous_{n}")
+
+
+def read_train_state(path: Path) -> dict[str, Any]:
+    f = Path(path) / TRAIN_STATE
+    if not f.is_file():
+        raise CheckpointError(f"{path}: no {TRAIN_STATE}; written by an older megatron_papo whose checkpoints "
+                              "hold pickles (they run code when loaded): not loaded")
+    return json.loads(f.read_text())
+
+
+# torch.distributed.checkpoint's .metadata is a pickle of these classes only (torch 2.13).
+_METADATA_CLASSES = {
+    *(("torch.distributed.checkpoint.metadata", name) for name in (
+        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
+        "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")),
+    *(("torch.distributed.checkpoint.planner", name) for name in ("SavePlan", "WriteItem", "WriteItemType",
+                                                                  "TensorWriteData")),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+    ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+    *(("torch", name) for name, v in vars(torch).items() if isinstance(v, torch.dtype)),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _METADATA_CLASSES:
+            raise pickle.UnpicklingError(f"refers to {module}.{name}, which is not a checkpoint metadata class")
+        return super().find_class(module, name)
+
+
+def _check_no_pickles(path: Path) -> None:
+    """Read .metadata with an allow-list (megatron-core then reads it with plain pickle) and refuse
+    a checkpoint that holds pickled objects (megatron-core would unpickle them)."""
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    try:
+        with open(Path(path) / ".metadata", "rb") as f:
+            entries = _MetadataUnpickler(f).load().state_dict_metadata
+    except (OSError, pickle.UnpicklingError, AttributeError, EOFError) as e:
+        raise CheckpointError(f"{path}/.metadata: {e}; not loaded") from None
+    objects = sorted(k for k, v in entries.items() if isinstance(v, BytesStorageMetadata))
+    if objects:
+        raise CheckpointError(f"{path} holds pickled objects ({', '.join(objects[:3])}"
+                              f"{', ...' if len(objects) > 3 else ''}), which run code when loaded: not loaded")
+
+
+def _weights_only_common_load():
+    """megatron-core's common.pt reader, with weights_only=True whatever torch's default."""
+    from megatron.core.dist_checkpointing.strategies.common import COMMON_STATE_FNAME, TorchCommonLoadStrategy
+
+    class WeightsOnly(TorchCommonLoadStrategy):
+        def load_common(self, checkpoint_dir):
+            return torch.load(Path(checkpoint_dir) / COMMON_STATE_FNAME, map_location="cpu", weights_only=True)
+
+    return WeightsOnly()
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -205,9 +428,16 @@ def _write_atomic(path: Path, text: str) -> None:
 def _prune(root: Path, keep_last: int) -> None:
     if keep_last <= 0:
         return
-    complete = sorted(p for p in root.glob("step_*") if is_complete(p))
-    for old in complete[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+    for old in complete_checkpoints(root)[:-keep_last]:
+        _delete(old)
+
+
+def _delete(path: Path) -> None:
+    """Rename, then delete: a kill midway leaves a `.tmp` name that the next save removes, never a
+    half-deleted folder under a checkpoint's name."""
+    doomed = path.with_name(path.name + ".deleted.tmp")
+    os.replace(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 class PreemptionHandler:

@@ -368,7 +368,8 @@ class Trainer:
     def _save(self) -> None:
         train_state = dataclasses.asdict(self.state) | {"data": self.data.state_dict()}
         ckpt.save_checkpoint(self.cfg.checkpoint, self.state.step, self.models.checkpoint_modules(),
-                             self.optimizer, self.scheduler, train_state, write_extras=self.models.write_model_files)
+                             self.optimizer, self.scheduler, train_state, run_config=self.cfg,
+                             write_extras=self.models.write_model_files)
 
     def _load(self, path: Path) -> None:
         if self.rank == 0:

@@ -1,21 +1,41 @@
-"""Worker for tests/test_checkpoint.py. `save OUT`: a complete checkpoint of step 1, then a save of
-step 2 that is SIGKILLed right after megatron-core wrote its files (before our rename/`latest`).
-`load OUT`: resume as the trainer does and print the step and a weight checksum."""
+"""Worker for tests/test_checkpoint.py: `python checkpoint_kill.py MODE OUT [key=value ...]` builds the
+trainer (tiny model, no rollout engine) with the overrides and:
+
+    save             a complete checkpoint of step 1, then a save of step 2 SIGKILLed right after
+                     megatron-core wrote its files (before our rename/`latest`)
+    load             resume as the trainer does and print the step and a weight checksum
+    step1            a checkpoint of step 1
+    prune            (with checkpoint.keep_last=1) checkpoints of steps 1, 2, 3; SIGKILLed while the save of
+                     step 3 deletes step 2, after it deleted two files
+    optim            one optimizer step on seeded gradients (Adam moments exist), then a checkpoint of step 1
+    load_save        resume, then save the next step (under torchrun: at another layout)
+    preflight        only megatron_papo.train's checks before a run (print the checkpoint it would resume)
+    poison_objects   a checkpoint of step 1 whose RNG state is a pickle that writes OUT/pwned when loaded
+    poison_metadata  a checkpoint of step 1 whose .metadata is such a pickle
+"""
 import os
+import pickle
+import shutil
 import signal
 import sys
+from pathlib import Path
 
 import torch
 
+# Also what tests pass to `python -m megatron_papo.train`, whose config must match the worker's.
+OVERRIDES = ["sft_steps=0", "rollout_batch_size=4", "global_batch_size=4", "monitor.tensorboard=false",
+             "monitor.plots=false", "checkpoint.keep_last=0", "rollout.n=2", "rollout.max_new_tokens=8",
+             "rollout.max_prompt_tokens=256",
+             "synthetic.image_size=56", "processor.min_pixels=3136", "processor.max_pixels=12544"]
 
-def trainer(out: str):
+
+def trainer(out: str, extra=()):
     from megatron_papo.parallel import initialize_model_parallel
     from megatron_papo.train import resolve_config
     from megatron_papo.trainer.loop import Trainer
 
-    cfg = resolve_config(None, [f"output_dir={out}", "sft_steps=0", "rollout_batch_size=4", "global_batch_size=4",
-                                "monitor.tensorboard=false", "checkpoint.keep_last=0"])
-    initialize_model_parallel(1, 1, seed=1)
+    cfg = resolve_config(None, [f"output_dir={out}", *OVERRIDES, *extra])
+    initialize_model_parallel(cfg.parallel.tp, cfg.parallel.pp, seed=cfg.seed)
     return Trainer(cfg, with_engine=False)
 
 
@@ -23,14 +43,34 @@ def checksum(t) -> float:
     return float(sum(p.double().sum() for p in t.models.policy[0].module.parameters()))
 
 
-def main(mode: str, out: str) -> None:
-    t = trainer(out)
+class WritesMarker:
+    """Unpickling it runs code: it writes the marker file."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({str(self.marker)!r}, 'w').write('pwned')",)
+
+
+def main(mode: str, out: str, extra: list[str]) -> None:
+    from megatron.core import dist_checkpointing
+
+    if mode == "preflight":
+        from megatron_papo.parallel import initialize_model_parallel
+        from megatron_papo.train import resolve_config
+        from megatron_papo.trainer.checkpoint import preflight
+
+        cfg = resolve_config(None, [f"output_dir={out}", *OVERRIDES, *extra])
+        initialize_model_parallel(cfg.parallel.tp, cfg.parallel.pp, seed=cfg.seed)
+        print(f"resume from: {preflight(cfg)}", flush=True)
+        return
+    t = trainer(out, extra)
+    marker = Path(out) / "pwned"
     if mode == "save":
         t.state.step = 1
         t._save()
         print(f"saved step 1 checksum={checksum(t)!r}", flush=True)
-        from megatron.core import dist_checkpointing
-
         original = dist_checkpointing.save
 
         def save_then_die(*args, **kwargs):
@@ -44,8 +84,57 @@ def main(mode: str, out: str) -> None:
         t.state.step = 2
         t._save()
         raise AssertionError("unreachable: the save of step 2 should have been killed")
+    if mode == "poison_objects":
+        from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+        original = dist_checkpointing.save
+
+        def save_poisoned(sd, *args, **kwargs):
+            # what an attacker ships: the RNG state as an object (megatron-core pickles those)
+            sd["rng_state"] = ShardedObject("rng_state", WritesMarker(marker), (1, 1, 1), (0, 0, 0), replica_id=0)
+            original(sd, *args, **kwargs)
+
+        dist_checkpointing.save = save_poisoned
+    if mode == "prune":
+        for step in (1, 2):
+            t.state.step = step
+            t._save()
+        rmtree = shutil.rmtree
+
+        def rmtree_then_die(path, *args, **kwargs):
+            if Path(path).name.startswith("step_00000002"):
+                for f in sorted(Path(path).iterdir())[:2]:
+                    f.unlink()
+                os.kill(os.getpid(), signal.SIGKILL)
+            rmtree(path, *args, **kwargs)
+
+        shutil.rmtree = rmtree_then_die
+        t.state.step = 3
+        t._save()
+        raise AssertionError("unreachable: the pruning of step 2 should have been killed")
+    if mode == "optim":
+        torch.manual_seed(0)
+        for p in t.models.policy[0].module.parameters():
+            p.main_grad.copy_(torch.randn_like(p.main_grad))
+        t.optimizer.step()
+    if mode in ("step1", "optim"):
+        t.state.step = 1
+        t._save()
+        print(f"saved step 1 checksum={checksum(t)!r}", flush=True)
+        return
+    if mode in ("poison_objects", "poison_metadata"):
+        t.state.step = 1
+        t._save()
+        if mode == "poison_metadata":
+            (Path(out) / "checkpoints" / "step_00000001" / ".metadata").write_bytes(pickle.dumps(WritesMarker(marker)))
+        assert not marker.exists()
+        print("poisoned checkpoint written", flush=True)
+        return
     print(f"resumed step {t.state.step} checksum={checksum(t)!r}", flush=True)
+    if mode == "load_save":
+        t.state.step += 1
+        t._save()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1], sys.argv[2], sys.argv[3:])
