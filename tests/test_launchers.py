@@ -85,10 +85,9 @@ def test_papo_72b_launcher_rehearsal(tiny):
     row = _metrics(out)[0]
     assert row["rollout_logp_diff"] < 2e-2  # top-p 0.99 renormalises; a wrong sync would be O(1)
     assert row["data/skipped_rows"] == 1 and row["data/skipped/missing_answer"] == 1
-    resolved = (out / "checkpoints" / "step_00000001" / "run_config.yaml")
-    if resolved.is_file():  # the checkpoint records the run's options: the recipe's layout was kept
-        text = resolved.read_text()
-        assert "sequence_parallel: true" in text and "recompute: true" in text
+    # the checkpoint records the run's options: the recipe's layout was kept
+    text = (out / "checkpoints" / "step_00000001" / "run_config.yaml").read_text()
+    assert "sequence_parallel: true" in text and "recompute: true" in text and "micro_batch_tokens: 6144" in text
     # the requeue path: the same command again, with more steps, resumes
     env["MASTER_PORT"] = str(free_port())
     second = subprocess.run(["bash", "examples/papo_72b.sh", *[a for a in args if a != "steps=1"], "steps=2"],
