@@ -29,6 +29,7 @@ bench: venv
 	OMP_NUM_THREADS=1 $(PY) benchmarks/loss_memory.py
 	$(PY) benchmarks/patch_mask.py
 	OMP_NUM_THREADS=1 $(PY) -m torch.distributed.run --nproc-per-node 2 benchmarks/weight_sync.py
+	OMP_NUM_THREADS=1 $(PY) benchmarks/rollout_scaling.py
 	OMP_NUM_THREADS=1 $(PY) benchmarks/step_time.py
 	OMP_NUM_THREADS=1 $(PY) benchmarks/micro_batching.py
 
