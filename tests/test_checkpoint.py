@@ -220,6 +220,17 @@ def test_resume_never_mixes_with_other_checkpoints(tmp_path):
     assert rc == 0 and f"resume from: {elsewhere}" in log, log[-4000:]
 
 
+def test_a_training_checkpoint_starts_a_new_run(tmp_path):
+    """model.load=<step dir>: what the refusal of another objective points to (a new run from the
+    trained weights); training checkpoints leave out megatron's `_extra_state` objects."""
+    rc, log, _ = _run("optim", tmp_path / "a")  # the optimizer step moves the weights off the seeded init
+    assert rc == 0, log[-4000:]
+    checksum = re.search(r"saved step 1 checksum=(\S+)", log).group(1)
+    rc, log, _ = _run("load", tmp_path / "b", [f"model.load={tmp_path / 'a' / 'checkpoints' / 'step_00000001'}",
+                                             "preset=dapo"])
+    assert rc == 0 and f"resumed step 0 checksum={checksum}" in log, log[-4000:]
+
+
 def test_kill_while_pruning_leaves_no_folder_behind(tmp_path):
     rc, log, _ = _run("prune", tmp_path, ["checkpoint.keep_last=1"])
     assert rc == -signal.SIGKILL, log[-4000:]

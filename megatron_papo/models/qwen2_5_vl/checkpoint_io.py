@@ -16,6 +16,8 @@ from typing import Iterable
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.dist_checkpointing.dict_utils import extract_matching_values
+from megatron.core.dist_checkpointing.mapping import ShardedObject
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -221,7 +223,10 @@ def load_dist_checkpoint(model, ckpt_dir: str | Path) -> None:
     ckpt_dir = Path(ckpt_dir)
     if not (ckpt_dir / ".metadata").is_file():
         raise FileNotFoundError(f"{ckpt_dir}: not a torch_dist checkpoint (no .metadata)")
-    state = dist_checkpointing.load(model.sharded_state_dict(), str(ckpt_dir))
+    # Tensors only: the layers' `_extra_state` objects (empty without transformer-engine fp8) are
+    # pickles, and training checkpoints (megatron_papo.trainer.checkpoint) leave them out.
+    _, tensors = extract_matching_values(model.sharded_state_dict(), lambda v: isinstance(v, ShardedObject))
+    state = dist_checkpointing.load(tensors, str(ckpt_dir))
     model.load_state_dict(state, strict=False)
     missing = [k for k in model.state_dict() if k not in state and not k.endswith("_extra_state")]
     if missing:
