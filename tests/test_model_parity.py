@@ -1,5 +1,6 @@
 """Megatron Qwen2.5-VL vs transformers (fp32, tiny flavor, images of different sizes): logits at
-TP1PP1/TP2PP1/TP1PP2/TP2PP2 (+SP, +recompute) within 1e-4, grads equal TP1PP1's and transformers' within 1e-5 of the largest grad;
+TP1PP1/TP2PP1/TP1PP2/TP2PP2 (+SP, +recompute) within 1e-4, grads equal TP1PP1's and transformers' within
+1e-5 of each tensor's own largest grad; the recompute layout really re-runs every layer's forward;
 mrope position ids equal transformers' get_rope_index; spec selection picks local without TE."""
 import re
 
@@ -21,6 +22,9 @@ def test_parallel_layouts_match_transformers(tmp_path):
     # every last-stage rank prints: 4 + 4 + 2 + 2 + 4 (SP) + 2 (recompute)
     assert len(diffs) == 18 and max(diffs) <= 1e-4, out[-3000:]
     assert len(re.findall(r"max_rel_diff_vs_tp1=", out)) == 4 * 5
+    # layer forwards per forward+backward, every rank of every layout: twice only under full recompute
+    runs = re.findall(r"forward_runs=(\d)", out)
+    assert sorted(runs) == ["1"] * 4 * 5 + ["2"] * 4, out[-3000:]
 
 
 @pytest.mark.parametrize("images,attention", [

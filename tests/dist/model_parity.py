@@ -1,10 +1,20 @@
 """Worker (4 ranks): logits and grads of our Megatron Qwen2.5-VL vs transformers and vs TP1PP1,
-at TP1PP1, TP2PP1, TP1PP2, TP2PP2, TP2 with sequence parallel, TP2PP2 with full recompute."""
+at TP1PP1, TP2PP1, TP1PP2, TP2PP2, TP2 with sequence parallel, TP2PP2 with full recompute.
+
+Grads are compared tensor by tensor, relative to that tensor's own largest grad: they span 5e-3
+(ViT norms) to 3e2 (embeddings), so an error measured against the largest grad anywhere would let a
+small tensor be wholly wrong. GRAD_FLOOR bounds the denominator from below: a grad that (nearly)
+cancels out keeps the fp32 rounding error of its terms, which is relative to the terms, not to the
+sum; 1e-2 is under every tensor's grad here and allows at most 1e-7 absolute error on such a tensor.
+Every decoder layer (ViT and LM) must run its forward once per forward+backward, and twice with
+full recompute (the recomputation in the backward): a recompute that never happens fails.
+"""
 import sys
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
+from megatron.core.transformer.transformer_layer import TransformerLayer
 from transformers import Qwen2_5_VLForConditionalGeneration
 
 from megatron_papo.models.qwen2_5_vl import parity
@@ -16,6 +26,26 @@ from megatron_papo.parallel import destroy_model_parallel, initialize_model_para
 LAYOUTS = [dict(tp=1, pp=1), dict(tp=2, pp=1), dict(tp=1, pp=2), dict(tp=2, pp=2),
            dict(tp=2, pp=1, sequence_parallel=True),
            dict(tp=2, pp=2, recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)]
+GRAD_RTOL = 1e-5   # observed <= 2e-6
+GRAD_FLOOR = 1e-2  # see the module docstring
+
+
+def grad_error(grads, reference):
+    """max over tensors of max|g - ref| / max(max|ref|, GRAD_FLOOR), and the worst tensor's name."""
+    errors = {n: (g - reference[n]).abs().max().item() / max(reference[n].abs().max().item(), GRAD_FLOOR)
+              for n, g in grads.items()}
+    worst = max(errors, key=errors.get)
+    return errors[worst], worst
+
+
+def count_layer_forwards(model):
+    """{layer name: forward calls}, counted by hooks on every transformer layer of `model`."""
+    calls = {}
+    for name, module in model.named_modules():
+        if isinstance(module, TransformerLayer):
+            calls[name] = 0
+            module.register_forward_hook(lambda *_, name=name: calls.__setitem__(name, calls[name] + 1))
+    return calls
 
 
 def main(hf_dir):
@@ -32,7 +62,11 @@ def main(hf_dir):
         initialize_model_parallel(layout["tp"], layout["pp"], seed=5)
         model = build_model(cfg, ModelParallelOptions(make_vocab_size_divisible_by=8, **layout))
         load_hf_weights(model, HFReader(hf_dir))
+        calls = count_layer_forwards(model)
         logits, _ = parity.run_model(model, batch, loss_weight=weight)
+        runs = 2 if layout.get("recompute_granularity") == "full" else 1
+        assert calls and set(calls.values()) == {runs}, (layout, calls)
+        print(f"rank{dist.get_rank()} {layout} {len(calls)} layers forward_runs={runs}", flush=True)
         # norm-weight grads are partial per sequence chunk under SP: megatron all-reduces params marked
         # `sequence_parallel` over TP (finalize_model_grads); do the same here.
         for p in model.parameters():
@@ -43,18 +77,16 @@ def main(hf_dir):
             logit_diff = (logits - ref_logits).abs().max().item()
             assert logit_diff <= 1e-4, (layout, logit_diff)
             print(f"rank{dist.get_rank()} {layout} max_abs_logit_diff_vs_hf={logit_diff:.2e}", flush=True)
-        # grads reach ~1e2 (a sum over every logit): compare relative to the largest grad magnitude
-        scale = max(hf_grads[n].abs().max().item() for n in grads)
-        hf_diff = max((grads[n] - hf_grads[n]).abs().max().item() for n in grads) / scale
-        assert hf_diff <= 1e-5, (layout, hf_diff)
+        hf_diff, worst = grad_error(grads, hf_grads)
+        assert hf_diff <= GRAD_RTOL, (layout, worst, hf_diff)
         if tp1_grads is None:
             assert len(grads) == len(hf_grads), "TP1PP1 stage must hold every HF parameter"
             tp1_grads = grads
         else:
-            diff = max((grads[n] - tp1_grads[n]).abs().max().item() for n in grads) / scale
-            assert diff <= 1e-5, (layout, diff)
+            diff, worst = grad_error(grads, tp1_grads)
+            assert diff <= GRAD_RTOL, (layout, worst, diff)
             print(f"rank{dist.get_rank()} {layout} {len(grads)} grads max_rel_diff_vs_tp1={diff:.2e} "
-                  f"vs_hf={hf_diff:.2e} (grad scale {scale:.1f})", flush=True)
+                  f"vs_hf={hf_diff:.2e} (per tensor)", flush=True)
         parallel_state.destroy_model_parallel()
     destroy_model_parallel()
 
