@@ -11,7 +11,7 @@ from tests.distributed import REPO
 
 PACKAGE = REPO / "megatron_papo"
 LAYERS = [  # bottom to top
-    {"__init__", "config", "lifetime", "folders", "_patch_mask"},  # _patch_mask: csrc's extension (ops.masking)
+    {"__init__", "config", "lifetime", "folders", "progress", "_patch_mask"},  # _patch_mask: csrc's extension (ops.masking)
     {"ops", "parallel"},
     {"rollout", "algos", "models", "data"},
     {"trainer"},

@@ -22,7 +22,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
 from megatron_papo.algos.advantages import (dynamic_sampling_keep, fill_with_informative_groups, grpo_advantages,
                                             overlong_penalty)
@@ -31,6 +30,7 @@ from megatron_papo.data.processor import VLProcessor
 from megatron_papo.data.rewards import get_reward_fn
 from megatron_papo.ops.vocab_parallel import vocab_parallel_logprob
 from megatron_papo.parallel.context import ParallelContext
+from megatron_papo.progress import Progress
 from megatron_papo.trainer import checkpoint as ckpt
 from megatron_papo.trainer.batch import Experience, collate, make_micro_batches, split_response_values
 from megatron_papo.trainer.config import TrainConfig
@@ -313,7 +313,7 @@ class Trainer:
         cfg = self.cfg
         optimizer, scheduler = build_optimizer(cfg, self.models.policy, cfg.sft_lr)
         per_rank = max(cfg.sft_batch_size // self.dp_size, 1)
-        bar = tqdm(range(cfg.sft_steps), desc="sft warm-up", disable=self.rank != 0)
+        bar = Progress(range(cfg.sft_steps), desc="sft warm-up", unit="steps", enabled=self.rank == 0)
         for i in bar:
             samples = self.data.next_sft_batch(cfg.sft_batch_size)
             exps = []
@@ -337,7 +337,6 @@ class Trainer:
             scheduler.step(increment=1)
             loss = self._from_last_stage(_mean_dicts(outs)).get("sft_loss", float("nan"))
             bar.set_postfix(loss=f"{loss:.3f}")
-        bar.close()
 
     # ------------------------------------------------------------------ helpers
     def _dump_rollouts(self, step: int, experiences: list[Experience]) -> None:

@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 from megatron_papo.models.qwen2_5_vl import hf_mapping
 from megatron_papo.models.qwen2_5_vl.flavors import Qwen2_5_VLConfig
 from megatron_papo.models.qwen2_5_vl.hf_mapping import Rule
+from megatron_papo.progress import Progress
 
 HF_CONFIG = "config.json"
 LAYOUT_FILE = "megatron_papo_layout.json"  # written next to a dist checkpoint: tp, pp, dtype
@@ -122,8 +123,7 @@ def load_hf_weights(model, reader: HFReader, show_progress: bool = False) -> Non
     tp_rank, tp_size = parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_tensor_model_parallel_world_size()
     items = param_rules(model)
     if show_progress:
-        from tqdm import tqdm
-        items = tqdm(items, desc=f"load tp{tp_rank}", unit="tensor")
+        items = Progress(items, desc=f"load tp{tp_rank}", unit="tensors")
     for name, param, rule in items:
         full = hf_mapping.to_megatron(rule, [reader.get(h) for h in rule.hf], model.hf_config)
         local = hf_mapping.shard(rule, full, tp_rank, tp_size, model.padded_vocab_size)
@@ -321,8 +321,7 @@ def iter_dist_checkpoint_as_hf(ckpt_dir: str | Path, cfg: Qwen2_5_VLConfig, show
         groups.setdefault((key.split(".decoder.")[0], layer), []).append((rule, found[0], layer))
     items = groups.values()
     if show_progress:
-        from tqdm import tqdm
-        items = tqdm(items, desc="convert", unit="layer")
+        items = Progress(list(items), desc="convert", unit="layers")
     for group in items:
         requests = {}
         for rule, key, layer in group:

@@ -33,6 +33,7 @@ from megatron_papo.models.qwen2_5_vl.checkpoint_io import (HF_CONFIG, HFReader, 
                                                            write_layout_files)
 from megatron_papo.models.qwen2_5_vl.flavors import Qwen2_5_VLConfig
 from megatron_papo.models.qwen2_5_vl.hf_mapping import Rule
+from megatron_papo.progress import Progress
 
 _LINEAR = re.compile(r"(.*\.linear_\w+)\.weight$")  # megatron linear layers save an `_extra_state` object
 
@@ -188,8 +189,7 @@ def write_dist_checkpoint(hf_dir: Path, out: Path, tp: int, pp: int, dtype: torc
     plans = writer.prepare_global_plan(plans)  # group g -> file __g_0.distcp, whichever rank writes it
     mine = range(rank, len(groups), world)
     if show_progress:
-        from tqdm import tqdm
-        mine = tqdm(mine, desc=f"convert (process {rank} of {world})", unit="group")
+        mine = Progress(mine, desc=f"convert (process {rank} of {world})", unit="groups")
     results = []
     for g in mine:
         results += writer.write_data(plans[g], _GroupData(groups[g], reader, cfg, dtype)).wait()
