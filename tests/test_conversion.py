@@ -187,3 +187,14 @@ def test_export_of_a_training_checkpoint_loads_and_evaluates(tmp_path):
     bad.write_text(json.dumps({"problem": "<image>What colour?", "answer": "", "images": []}) + "\n")
     ev = _eval("--ckpt", export, "--data", bad)
     assert ev.returncode == 2 and f"--data {bad}: no usable rows" in ev.stderr, ev.stderr[-3000:]
+
+
+def test_truncated_shard_is_named_before_anything_is_written(tmp_path):
+    hf = save_tiny_hf_folder(tmp_path / "hf", seed=2)
+    shard = sorted(hf.glob("*.safetensors"))[-1]
+    with open(shard, "r+b") as f:  # an interrupted copy: the header promises more than the file holds
+        f.truncate(shard.stat().st_size // 2)
+    proc = _tool("tools/convert_hf_to_megatron.py", "--hf-dir", hf, "--out", tmp_path / "out", "--tp", 1, "--pp", 1)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"{shard}: not a complete safetensors file" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))

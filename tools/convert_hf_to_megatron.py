@@ -45,13 +45,14 @@ def main(argv=None):
     import torch.distributed as dist
 
     from megatron_papo.models.qwen2_5_vl import dist_writer
-    from megatron_papo.models.qwen2_5_vl.checkpoint_io import copy_model_files, read_hf_config
+    from megatron_papo.models.qwen2_5_vl.checkpoint_io import HFReader, copy_model_files, read_hf_config
 
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
-    cfg = read_hf_config(args.hf_dir)
     try:
+        HFReader(args.hf_dir)  # every shard's header: a truncated file is named before anything is written
+        cfg = read_hf_config(args.hf_dir)
         dist_writer.check_layout(cfg, args.tp, args.pp)
-    except ValueError as e:
+    except (ValueError, FileNotFoundError) as e:
         parser.error(str(e))
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: the processes share the groups
         dist.init_process_group("gloo")

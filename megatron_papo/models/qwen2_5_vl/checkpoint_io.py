@@ -60,6 +60,13 @@ class HFReader:
                 weight_map = {k: "model.safetensors" for k in f.keys()}
         else:
             raise FileNotFoundError(f"{hf_dir}: no model.safetensors or model.safetensors.index.json")
+        for fname in sorted(set(weight_map.values())):  # headers only: a damaged shard is named up front
+            try:
+                with safe_open(hf_dir / fname, "pt"):
+                    pass
+            except Exception as e:  # safetensors raises its own error type for a bad header
+                raise ValueError(f"{hf_dir / fname}: not a complete safetensors file ({e}); truncated by an "
+                                 "interrupted download or copy?") from None
         self.dir = hf_dir
         self.files = {hf_mapping.hf_hub_name(k): (fname, k) for k, fname in weight_map.items()}
 
