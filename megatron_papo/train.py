@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         check_layout(cfg)
-    except (ConfigError, ValueError) as e:
+    except (ConfigError, ValueError, FileNotFoundError) as e:
         return _error(e)
     initialize_model_parallel(cfg.parallel.tp, cfg.parallel.pp, seed=cfg.seed)
     rank0 = int(os.environ.get("RANK", 0)) == 0
@@ -100,6 +100,10 @@ def check_layout(cfg) -> None:
     if world % (p.tp * p.pp):
         raise ValueError(f"the job's {world} ranks are not divisible by parallel.tp * parallel.pp = {p.tp} * {p.pp}")
     m = model_config(cfg)
+    if cfg.model.hf_dir:
+        from megatron_papo.models.qwen2_5_vl.checkpoint_io import HFReader
+
+        HFReader(cfg.model.hf_dir)  # a missing or truncated safetensors shard, named before any rank loads it
     check_rollout_tp(cfg.rollout.tp, world, ranks_per_host(), {
         "num_attention_heads": m.num_attention_heads, "num_key_value_heads": m.num_key_value_heads,
         "intermediate_size": m.intermediate_size, "vision num_heads": m.vision.num_heads,

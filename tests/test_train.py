@@ -290,6 +290,7 @@ BAD_CONFIGS = [  # (environment, arguments, what the one error line says)
     ({}, ["rollout.n=0"], "rollout.n must be >= 2"),
     ({}, ["steps=-5"], "steps must be >= 0, got -5"),
     ({}, ["preset=nope"], "unknown preset 'nope'"),
+    ({}, ["model.hf_dir=/nonexistent_hf"], "/nonexistent_hf"),
 ]
 
 
