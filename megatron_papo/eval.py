@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_papo.data.processor import ProcessorConfig, VLProcessor
     from megatron_papo.data.rewards import get_reward_fn
     from megatron_papo.data.synthetic import SyntheticConfig, SyntheticShapes
+    from megatron_papo.models.qwen2_5_vl.checkpoint_io import read_hf_config
     from megatron_papo.rollout.engine import SamplingConfig
     from megatron_papo.rollout.vllm_engine import VLLMEngine, VLLMEngineConfig
     from megatron_papo.trainer.setup import rollout_requests
@@ -85,14 +86,14 @@ def main(argv: list[str] | None = None) -> int:
         processor = VLProcessor.from_config(ProcessorConfig(
             tokenizer_path=str(folder), min_pixels=args.min_pixels or trained.get("shortest_edge", defaults.min_pixels),
             max_pixels=args.max_pixels or trained.get("longest_edge", defaults.max_pixels)))
-        config = json.loads((folder / "config.json").read_text())
+        config = read_hf_config(folder)  # flat, or nested under text_config as transformers 5 saves it
         engine = VLLMEngine(VLLMEngineConfig(model_path=str(folder), dtype=args.dtype, seed=args.seed,
                                              max_model_len=min(4096 + args.max_new_tokens,
-                                                               config.get("max_position_embeddings", 1 << 30)),
+                                                               config.max_position_embeddings),
                                              max_images_per_prompt=max(1, max(len(s.images) for s in samples))))
         outputs = engine.generate(rollout_requests(processor, samples), SamplingConfig(
             n=args.k, temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
-            stop_token_ids=[config["eos_token_id"]], seed=args.seed))
+            stop_token_ids=[config.eos_token_id], seed=args.seed))
     reward_fn = get_reward_fn("papo")
     rows, solved = [], 0
     for s, outs in zip(samples, outputs):
