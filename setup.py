@@ -33,7 +33,7 @@ setup(
     version="0.1.0",
     description="PAPO reinforcement learning for Qwen2.5-VL on megatron-core (TP/PP), with vLLM rollouts",
     packages=find_packages(include=["megatron_papo", "megatron_papo.*"]),
-    package_data={"megatron_papo": ["py.typed"]},
+    package_data={"megatron_papo.algos": ["preset_configs/*.yaml"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",

@@ -42,7 +42,7 @@ fi
 "$PY" -m torch.distributed.run --nnodes "$NNODES" --node-rank "$NODE_RANK" \
     --nproc-per-node "$GPUS_PER_NODE" --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" \
     -m megatron_papo.train --config "$CONFIG" --resume auto \
-    model.load="$CKPT" model.tokenizer_dir="$HF_DIR" parallel.tp="$TP" parallel.pp="$PP" "$@" &
+    model.load="$CKPT" parallel.tp="$TP" parallel.pp="$PP" "$@" &
 LAUNCHER=$!
 forward() { pkill "-$1" -P "$LAUNCHER" || true; }
 trap 'forward USR1' USR1

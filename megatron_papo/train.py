@@ -5,7 +5,7 @@
 
 Options: the dataclasses in megatron_papo/trainer/config.py (and the sections they include), set by
 the YAML file and then `section.key=value` overrides. `preset=<name>` picks the objective
-(examples/configs/presets/); `algo.*` keys override single fields of it. `--resume auto|none|PATH`
+(megatron_papo/algos/preset_configs/); `algo.*` keys override single fields of it. `--resume auto|none|PATH`
 is checkpoint.resume. `--print-config` shows the resolved configuration and exits.
 """
 from __future__ import annotations

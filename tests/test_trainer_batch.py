@@ -21,7 +21,7 @@ def test_collate_alignment_and_round_trip():
     for b in range(2):
         picked = mb.targets[b][mb.response_mask[b].bool()].tolist()
         assert picked == exps[b].response_ids
-    assert mb.attention_mask.sum(1).tolist() == [5, 6]
+    assert (mb.prompt_lengths + mb.response_mask.sum(1).long()).tolist() == [5, 6]  # real tokens per row
     assert mb.advantages[0][mb.response_mask[0].bool()].tolist() == [-0.5, -0.5]
     assert mb.pixel_values.shape == (8, 6) and mb.image_grid_thw.shape == (2, 3)
     back = split_response_values(mb.old_logp, exps)

@@ -1,5 +1,5 @@
 """Named objective presets (grpo, papo_g, papo_h, dapo, papo_d): YAML files holding the values of
-the docs/papo.md preset table, in the repository's examples/configs/presets."""
+the docs/papo.md preset table, shipped with the package (algos/preset_configs/, package data)."""
 import dataclasses
 from pathlib import Path
 
@@ -7,7 +7,7 @@ import yaml
 
 from megatron_papo.algos.config import PAPOConfig
 
-PRESET_DIR = Path(__file__).resolve().parents[2] / "examples" / "configs" / "presets"
+PRESET_DIR = Path(__file__).resolve().parent / "preset_configs"
 
 
 def preset_names() -> list[str]:

@@ -30,7 +30,8 @@ MASK_METHODS = ("reference", "patch_aligned")
 
 @dataclass
 class ProcessorConfig:
-    tokenizer_path: str | None = None  # HF model folder (tokenizer files + preprocessor_config.json); None = built-in tiny tokenizer
+    tokenizer_path: str | None = None  # HF model folder (tokenizer files + preprocessor_config.json); None = the
+                                       # trainer's model.hf_dir / model.load folder, else the built-in tiny tokenizer
     min_pixels: int = 256 * 28 * 28    # images with fewer pixels are upscaled (PAPO: 256*28^2)
     max_pixels: int = 1280 * 28 * 28   # images with more pixels are downscaled (PAPO: 1280*28^2)
     image_backend: str = "pil"         # "pil" (works without torchvision) or "torchvision"; resized images differ slightly

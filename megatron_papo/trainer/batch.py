@@ -7,7 +7,7 @@ pads a list of them into a `MicroBatch` on the right; per-token tensors are alig
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -54,8 +54,8 @@ class Experience:
 
 @dataclass
 class MicroBatch:
-    input_ids: torch.Tensor        # [B, S] long, right-padded with pad_id
-    attention_mask: torch.Tensor   # [B, S] bool, True on real tokens
+    input_ids: torch.Tensor        # [B, S] long, right-padded with pad_id (right padding + causal attention:
+                                   # real tokens never attend to padding, so no attention mask is needed)
     targets: torch.Tensor          # [B, S] long: input_ids shifted left (pad where none)
     response_mask: torch.Tensor    # [B, S] float: 1 where targets[:, t] is a response token
     pixel_values: torch.Tensor     # [rows of all images, patch_dim]
@@ -67,17 +67,12 @@ class MicroBatch:
     ref_logp: torch.Tensor | None = None
     mask_logp: torch.Tensor | None = None
     position_ids: torch.Tensor | None = None  # [3, B, S] mrope positions (set by the model side)
-    extra: dict = field(default_factory=dict)
 
     @property
     def prompt_mask(self) -> torch.Tensor:
         """[B, S] bool: True on prompt tokens (where images enter and count for the rope)."""
         steps = torch.arange(self.input_ids.shape[1], device=self.input_ids.device)
         return steps[None, :] < self.prompt_lengths[:, None]
-
-    @property
-    def num_response_tokens(self) -> int:
-        return int(self.response_mask.sum().item())
 
     def to(self, device) -> "MicroBatch":
         moved = {f.name: (v.to(device) if isinstance(v := getattr(self, f.name), torch.Tensor) else v)
@@ -103,7 +98,6 @@ def collate(exps: list[Experience], pad_id: int, pad_to_multiple: int = 1) -> Mi
     seq = -(-seq // pad_to_multiple) * pad_to_multiple
     shape = (len(exps), seq)
     input_ids = torch.full(shape, pad_id, dtype=torch.long)
-    attention_mask = torch.zeros(shape, dtype=torch.bool)
     response_mask = torch.zeros(shape, dtype=torch.float32)
     advantages = torch.zeros(shape, dtype=torch.float32)
     for b, e in enumerate(exps):
@@ -112,13 +106,12 @@ def collate(exps: list[Experience], pad_id: int, pad_to_multiple: int = 1) -> Mi
         ids = e.prompt_ids + e.response_ids
         p, r = len(e.prompt_ids), len(e.response_ids)
         input_ids[b, : len(ids)] = torch.tensor(ids)
-        attention_mask[b, : len(ids)] = True
         response_mask[b, p - 1: p - 1 + r] = 1.0
         advantages[b, p - 1: p - 1 + r] = e.advantage
     targets = torch.full(shape, pad_id, dtype=torch.long)
     targets[:, :-1] = input_ids[:, 1:]
     return MicroBatch(
-        input_ids=input_ids, attention_mask=attention_mask, targets=targets, response_mask=response_mask,
+        input_ids=input_ids, targets=targets, response_mask=response_mask,
         pixel_values=torch.cat([e.pixel_values for e in exps]),
         masked_pixel_values=torch.cat([e.masked_pixel_values for e in exps]),
         image_grid_thw=torch.cat([e.image_grid_thw for e in exps]).long(),

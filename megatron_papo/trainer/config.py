@@ -21,7 +21,6 @@ class ModelConfig:
     flavor: str = "tiny"            # architecture from the flavor registry (ignored when hf_dir is set)
     hf_dir: str = ""                # start from this HF Qwen2.5-VL folder (weights converted on load)
     load: str = ""                  # or from a Megatron checkpoint written by tools/convert_hf_to_megatron.py
-    tokenizer_dir: str = ""         # tokenizer + preprocessor_config.json (default: hf_dir; tiny: built-in)
     freeze_vision: bool = False     # keep the vision tower fixed (then it is synced to vLLM once)
     ref_offload: bool = False       # GPU: keep the reference model in host memory between its forwards
 
@@ -80,7 +79,7 @@ class TrainConfig:
     sft_steps: int = 0               # supervised warm-up steps on the synthetic task's targets before RL
     sft_lr: float = 1e-3             # learning rate of the warm-up
     sft_batch_size: int = 32         # samples per warm-up step
-    preset: str = "papo_h"           # objective preset (examples/configs/presets/<name>.yaml); `algo.*` overrides it
+    preset: str = "papo_h"           # objective preset (megatron_papo/algos/preset_configs/<name>.yaml); `algo.*` overrides it
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)

@@ -3,6 +3,7 @@ rollout engine and the weight sync into it. One function per thing, called from 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_papo.data.dataset import PapoDataset, ResumableIterator
-from megatron_papo.data.processor import ProcessorConfig, VLProcessor
+from megatron_papo.data.processor import VLProcessor
 from megatron_papo.data.synthetic import SyntheticConfig, SyntheticShapes
 from megatron_papo.models.qwen2_5_vl.checkpoint_io import HFReader, load_dist_checkpoint, load_hf_weights, read_hf_config
 from megatron_papo.models.qwen2_5_vl.flavors import Qwen2_5_VLConfig, get_flavor
@@ -105,10 +106,9 @@ def build_models(cfg: TrainConfig) -> Models:
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 
     model_cfg = model_config(cfg)
-    tokenizer_path = cfg.model.tokenizer_dir or cfg.model.hf_dir or cfg.processor.tokenizer_path
-    processor = VLProcessor.from_config(ProcessorConfig(tokenizer_path=tokenizer_path or None,
-                                                        min_pixels=cfg.processor.min_pixels,
-                                                        max_pixels=cfg.processor.max_pixels))
+    # the model's folder holds its tokenizer and processor config (converted checkpoints carry them too)
+    tokenizer_path = cfg.processor.tokenizer_path or cfg.model.hf_dir or cfg.model.load or None
+    processor = VLProcessor.from_config(dataclasses.replace(cfg.processor, tokenizer_path=tokenizer_path))
     _check_tokenizer(processor, model_cfg)
     opts = parallel_options(cfg)
     policy = build_model(model_cfg, opts)
