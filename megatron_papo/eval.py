@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--synthetic-image-size", type=int, default=56)
     p.add_argument("--dtype", default="bfloat16", help="vLLM dtype (float32 on CPU for exactness)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--reward", default="papo", help="reward function (data/rewards.py): papo or exact_match")
     p.add_argument("--out", help="write per-sample results as jsonl here")
     args = p.parse_args(argv)
 
@@ -94,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         outputs = engine.generate(rollout_requests(processor, samples), SamplingConfig(
             n=args.k, temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
             stop_token_ids=[config.eos_token_id], seed=args.seed))
-    reward_fn = get_reward_fn("papo")
+    reward_fn = get_reward_fn(args.reward)
     rows, solved = [], 0
     for s, outs in zip(samples, outputs):
         graded = [reward_fn(processor.tokenizer.decode(o.response_token_ids, skip_special_tokens=True), s.answer,

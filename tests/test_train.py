@@ -291,6 +291,7 @@ BAD_CONFIGS = [  # (environment, arguments, what the one error line says)
     ({}, ["steps=-5"], "steps must be >= 0, got -5"),
     ({}, ["preset=nope"], "unknown preset 'nope'"),
     ({}, ["model.hf_dir=/nonexistent_hf"], "/nonexistent_hf"),
+    ({}, ["reward=f1"], "reward='f1' is not one of ['exact_match', 'papo']"),
 ]
 
 

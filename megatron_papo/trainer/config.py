@@ -79,6 +79,7 @@ class TrainConfig:
     sft_steps: int = 0               # supervised warm-up steps on the synthetic task's targets before RL
     sft_lr: float = 1e-3             # learning rate of the warm-up
     sft_batch_size: int = 32         # samples per warm-up step
+    reward: str = "papo"             # reward function (data/rewards.py REWARD_FNS): papo = 0.9 accuracy + 0.1 format
     preset: str = "papo_h"           # objective preset (megatron_papo/algos/preset_configs/<name>.yaml); `algo.*` overrides it
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -102,6 +103,10 @@ class TrainConfig:
                                  ("parallel.pp", self.parallel.pp, 1)):
             if value < low:
                 raise ValueError(f"{name} must be >= {low}, got {value}")
+        from megatron_papo.data.rewards import REWARD_FNS
+
+        if self.reward not in REWARD_FNS:
+            raise ValueError(f"reward={self.reward!r} is not one of {sorted(REWARD_FNS)}")
         if self.rollout.n < 2:  # GRPO's advantage compares a prompt's responses with each other
             raise ValueError(f"rollout.n must be >= 2 (group-relative advantages need several responses per "
                              f"prompt), got {self.rollout.n}")

@@ -57,7 +57,7 @@ class Trainer:
         self.patch_dim = v.in_channels * v.temporal_patch_size * v.patch_size**2  # a pixel_values row
         self.processor: VLProcessor = self.models.processor
         self.data = DataSource(cfg)
-        self.reward_fn = get_reward_fn("papo")
+        self.reward_fn = get_reward_fn(cfg.reward)
         self.optimizer, self.scheduler = build_optimizer(cfg, self.models.policy, cfg.optim.lr)
         self.state = RunState()
         self.preemption = ckpt.PreemptionHandler(cfg.checkpoint.save_on_signal)
