@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_papo.models.qwen2_5_vl.checkpoint_io import read_hf_config
     from megatron_papo.rollout.engine import SamplingConfig
     from megatron_papo.rollout.vllm_engine import VLLMEngine, VLLMEngineConfig
-    from megatron_papo.trainer.setup import rollout_requests
+    from megatron_papo.trainer.build import rollout_requests
 
     ckpt = Path(args.ckpt)
     if not ckpt.is_dir():

@@ -86,7 +86,7 @@ def check_layout(cfg) -> None:
     any process group or model exists."""
     from megatron_papo.parallel.context import check_rollout_tp, ranks_per_host
     from megatron_papo.rollout.reshard import vllm_padded_vocab
-    from megatron_papo.trainer.setup import model_config
+    from megatron_papo.trainer.build import model_config
 
     import torch
 

@@ -124,7 +124,7 @@ def test_missing_inputs_and_bad_config_are_clear_errors():
     logp, old, ref, msk, adv, mask = tensors()
     with pytest.raises(ValueError, match="ref_logp"):
         papo_loss(logp, old, None, msk, adv, mask, load_preset("grpo"))
-    with pytest.raises(ValueError, match="mask_logp"):
+    with pytest.raises(ValueError, match="masked_logp"):
         papo_loss(logp, old, ref, None, adv, mask, load_preset("papo_g"))
     with pytest.raises(ValueError, match="papo_loss_from_logits"):
         papo_loss(logp, old, ref, msk, adv, mask, load_preset("papo_g", perception_mode="exact"))
@@ -278,9 +278,9 @@ def test_reference_mode_from_logits_equals_papo_loss():
     target = torch.randint(0, V, (B, T), generator=g)
     logp, old, ref, msk, adv, mask = (x.float() for x in tensors())
     cfg = load_preset("papo_h")
-    loss, _ = papo_loss_from_logits(logits, target, old, ref, adv, mask, cfg, None, mask_logp=msk)
+    loss, _ = papo_loss_from_logits(logits, target, old, ref, adv, mask, cfg, None, masked_logp=msk)
     logp = torch.log_softmax(logits.detach(), -1).gather(-1, target.unsqueeze(-1)).squeeze(-1)
     expected, _ = papo_loss(logp, old, ref, msk, adv, mask, cfg)
     torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-6)
-    with pytest.raises(ValueError, match="mask_logp"):
+    with pytest.raises(ValueError, match="masked_logp"):
         papo_loss_from_logits(logits, target, old, ref, adv, mask, cfg, None)

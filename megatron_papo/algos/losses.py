@@ -4,7 +4,7 @@ perception KL, double entropy, and the aggregation of token losses into a micro-
 Two entry points share one loss core (`combine_loss_terms`):
 - `papo_loss`: the reference mode, from per-token log-probs (logp_mask precomputed);
 - `papo_loss_from_logits`: from vocab-parallel logits (real and masked image) through the ops,
-  for the `exact` perception / entropy modes (and, with mask_logp, the reference ones).
+  for the `exact` perception / entropy modes (and, with masked_logp, the reference ones).
 """
 from typing import Optional, Sequence
 
@@ -152,12 +152,12 @@ def _check_shapes(logp, response_mask, advantages, **others):
             raise ValueError(f"{name} shape {tuple(t.shape)} != logp shape {tuple(logp.shape)}")
 
 
-def papo_loss(logp, old_logp, ref_logp, mask_logp, advantages, response_mask, cfg: PAPOConfig, *,
+def papo_loss(logp, old_logp, ref_logp, masked_logp, advantages, response_mask, cfg: PAPOConfig, *,
               num_micro_batches: int = 1, global_token_count: Optional[float] = None):
     """Reference-mode PAPO loss of one micro-batch from per-token log-probs [batch, tokens].
 
-    logp: current policy (with grad); old_logp, ref_logp, mask_logp: old policy, reference policy
-    and old policy on the masked image (no grad; ref_logp may be None when beta = 0, mask_logp when
+    logp: current policy (with grad); old_logp, ref_logp, masked_logp: old policy, reference policy
+    and old policy on the masked image (no grad; ref_logp may be None when beta = 0, masked_logp when
     gamma = eta2 = 0); advantages: [batch] or [batch, tokens]; response_mask: 1 on response tokens.
     Returns (loss, metrics): see `aggregate` for what the loss is per mode; metrics are detached
     tensors: token means over this micro-batch of each term (policy_loss, ref_kl, kl_prcp, entropy,
@@ -166,21 +166,21 @@ def papo_loss(logp, old_logp, ref_logp, mask_logp, advantages, response_mask, cf
     if cfg.needs_logits:
         raise ValueError("papo_loss computes the reference modes from log-probs; exact perception/entropy "
                          "modes need logits: use papo_loss_from_logits")
-    _check_shapes(logp, response_mask, advantages, old_logp=old_logp, ref_logp=ref_logp, mask_logp=mask_logp)
+    _check_shapes(logp, response_mask, advantages, old_logp=old_logp, ref_logp=ref_logp, masked_logp=masked_logp)
     if cfg.beta > 0:
         _require(ref_logp, "ref_logp", f"beta={cfg.beta} > 0")
     if cfg.gamma > 0 or cfg.eta2 > 0:
-        _require(mask_logp, "mask_logp", f"gamma={cfg.gamma} or eta2={cfg.eta2} > 0")
-    mask_logp = None if mask_logp is None else mask_logp.detach()
+        _require(masked_logp, "masked_logp", f"gamma={cfg.gamma} or eta2={cfg.eta2} > 0")
+    masked_logp = None if masked_logp is None else masked_logp.detach()
     return combine_loss_terms(
         logp, old_logp, ref_logp, advantages, response_mask, cfg,
-        kl_prcp=None if mask_logp is None else k3(logp, mask_logp),
-        entropy=-logp, masked_entropy=None if mask_logp is None else -mask_logp,
+        kl_prcp=None if masked_logp is None else k3(logp, masked_logp),
+        entropy=-logp, masked_entropy=None if masked_logp is None else -masked_logp,
         num_micro_batches=num_micro_batches, global_token_count=global_token_count)
 
 
 def papo_loss_from_logits(logits, target, old_logp, ref_logp, advantages, response_mask, cfg: PAPOConfig,
-                          tp_group: Optional[dist.ProcessGroup], *, masked_logits=None, mask_logp=None,
+                          tp_group: Optional[dist.ProcessGroup], *, masked_logits=None, masked_logp=None,
                           temperature: float = 1.0, valid_vocab_size: Optional[int] = None,
                           chunk_size: Optional[int] = None, num_micro_batches: int = 1,
                           global_token_count: Optional[float] = None):
@@ -189,14 +189,14 @@ def papo_loss_from_logits(logits, target, old_logp, ref_logp, advantages, respon
 
     logp, the full-vocabulary entropies and KL(real || masked) come from the ops in one fused pass
     over the TP-sharded vocabulary. Exact modes use those; reference modes use the precomputed
-    `mask_logp`. masked_logits is detached unless cfg.masked_branch_grad. Other arguments and the
+    `masked_logp`. masked_logits is detached unless cfg.masked_branch_grad. Other arguments and the
     result as in `papo_loss`.
     """
     exact_prcp, exact_ent = cfg.perception_mode == "exact", cfg.entropy_mode == "exact"
     if cfg.needs_masked_logits:
         _require(masked_logits, "masked_logits", "the exact perception/entropy mode uses the masked branch")
     if cfg.needs_masked_logp:
-        _require(mask_logp, "mask_logp", "a reference perception/entropy mode uses the masked branch")
+        _require(masked_logp, "masked_logp", "a reference perception/entropy mode uses the masked branch")
     if cfg.beta > 0:
         _require(ref_logp, "ref_logp", f"beta={cfg.beta} > 0")
     if masked_logits is not None and not cfg.masked_branch_grad:
@@ -204,16 +204,16 @@ def papo_loss_from_logits(logits, target, old_logp, ref_logp, advantages, respon
     stats = vocab_parallel_stats(logits, tp_group, target=target, masked_logits=masked_logits,
                                  temperature=temperature, valid_vocab_size=valid_vocab_size, chunk_size=chunk_size)
     logp = stats.logp
-    _check_shapes(logp, response_mask, advantages, old_logp=old_logp, ref_logp=ref_logp, mask_logp=mask_logp)
-    mask_logp = None if mask_logp is None else mask_logp.detach()
+    _check_shapes(logp, response_mask, advantages, old_logp=old_logp, ref_logp=ref_logp, masked_logp=masked_logp)
+    masked_logp = None if masked_logp is None else masked_logp.detach()
     if exact_prcp:
         kl_prcp = stats.kl
     else:
-        kl_prcp = None if mask_logp is None else k3(logp, mask_logp)
+        kl_prcp = None if masked_logp is None else k3(logp, masked_logp)
     if exact_ent:
         entropy, masked_entropy = stats.entropy, stats.masked_entropy
     else:
-        entropy, masked_entropy = -logp, None if mask_logp is None else -mask_logp
+        entropy, masked_entropy = -logp, None if masked_logp is None else -masked_logp
     return combine_loss_terms(logp, old_logp, ref_logp, advantages, response_mask, cfg, kl_prcp=kl_prcp,
                               entropy=entropy, masked_entropy=masked_entropy,
                               num_micro_batches=num_micro_batches, global_token_count=global_token_count)

@@ -30,7 +30,7 @@ class Experience:
     # filled by the no-grad passes, one value per response token
     old_logp: torch.Tensor | None = None
     ref_logp: torch.Tensor | None = None
-    mask_logp: torch.Tensor | None = None
+    masked_logp: torch.Tensor | None = None
 
     @property
     def length(self) -> int:
@@ -65,7 +65,7 @@ class MicroBatch:
     prompt_lengths: torch.Tensor   # [B] long: tokens before the response (for the rope positions)
     old_logp: torch.Tensor | None = None   # [B, S], zeros off the response
     ref_logp: torch.Tensor | None = None
-    mask_logp: torch.Tensor | None = None
+    masked_logp: torch.Tensor | None = None
     position_ids: torch.Tensor | None = None  # [3, B, S] mrope positions (set by the model side)
 
     @property
@@ -119,7 +119,7 @@ def collate(exps: list[Experience], pad_id: int, pad_to_multiple: int = 1) -> Mi
         prompt_lengths=torch.tensor([len(e.prompt_ids) for e in exps], dtype=torch.long),
         old_logp=_per_token(exps, "old_logp", shape),
         ref_logp=_per_token(exps, "ref_logp", shape),
-        mask_logp=_per_token(exps, "mask_logp", shape),
+        masked_logp=_per_token(exps, "masked_logp", shape),
     )
 
 

@@ -463,3 +463,11 @@ class PreemptionHandler:
         if dist.is_initialized():
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
+
+
+@dataclass
+class RunState:
+    """Where the run stands: saved in every checkpoint's train_state.json."""
+
+    step: int = 0            # RL steps completed
+    sft_done: bool = False   # the warm-up (if any) ran and the reference model holds its result

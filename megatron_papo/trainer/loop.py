@@ -36,7 +36,7 @@ from megatron_papo.trainer.batch import Experience, collate, make_micro_batches,
 from megatron_papo.trainer.config import TrainConfig
 from megatron_papo.trainer.metrics import MetricsLogger
 from megatron_papo.trainer.pipeline import run_micro_batches
-from megatron_papo.trainer.setup import (DataSource, RunState, build_engine, build_models, build_optimizer,
+from megatron_papo.trainer.build import (DataSource, build_engine, build_models, build_optimizer,
                                          build_weight_sync, rollout_requests, sync_weights)
 
 
@@ -59,7 +59,7 @@ class Trainer:
         self.data = DataSource(cfg)
         self.reward_fn = get_reward_fn(cfg.reward)
         self.optimizer, self.scheduler = build_optimizer(cfg, self.models.policy, cfg.optim.lr)
-        self.state = RunState()
+        self.state = ckpt.RunState()
         self.preemption = ckpt.PreemptionHandler(cfg.checkpoint.save_on_signal)
         resume_from = ckpt.find_resume_checkpoint(cfg.checkpoint)
         if resume_from is not None:
@@ -226,15 +226,15 @@ class Trainer:
         image) per-token log-probs, without gradient, before the update."""
         algo, T = self.cfg.algo, self.cfg.rollout.temperature
         # the masked branch is PAPO's only extra forward; exact modes get it inside the update instead
-        self.exp_logprobs(exps, self.models.policy, "old_logp", masked=False, temperature=T)
+        self.store_logprobs(exps, self.models.policy, "old_logp", masked=False, temperature=T)
         if algo.beta > 0:
             with self.models.reference_on_device():
-                self.exp_logprobs(exps, [self.models.reference], "ref_logp", masked=False, temperature=T)
+                self.store_logprobs(exps, [self.models.reference], "ref_logp", masked=False, temperature=T)
         if algo.needs_masked_logp:
-            self.exp_logprobs(exps, self.models.policy, "mask_logp", masked=True, temperature=T)
+            self.store_logprobs(exps, self.models.policy, "masked_logp", masked=True, temperature=T)
 
     @torch.no_grad()
-    def exp_logprobs(self, exps, model_chunks, attr: str, *, masked: bool, temperature: float) -> None:
+    def store_logprobs(self, exps, model_chunks, attr: str, *, masked: bool, temperature: float) -> None:
         chunks = make_micro_batches(exps, self.cfg.micro_batch_size, self.cfg.micro_batch_tokens)
         mbs = [self._collate(c) for c in chunks]
 
@@ -286,12 +286,12 @@ class Trainer:
                 real, masked = logits.chunk(2, dim=0) if both else (logits, None)
                 loss, m = papo_loss_from_logits(
                     real, mb.targets, mb.old_logp, mb.ref_logp, mb.advantages, mb.response_mask, algo, self.tp_group,
-                    masked_logits=masked, mask_logp=mb.mask_logp, temperature=cfg.rollout.temperature,
+                    masked_logits=masked, masked_logp=mb.masked_logp, temperature=cfg.rollout.temperature,
                     valid_vocab_size=self.model_cfg.vocab_size, global_token_count=global_tokens)
             else:
                 logp = vocab_parallel_logprob(logits, mb.targets, self.tp_group, cfg.rollout.temperature,
                                               self.model_cfg.vocab_size)
-                loss, m = papo_loss(logp, mb.old_logp, mb.ref_logp, mb.mask_logp, mb.advantages, mb.response_mask,
+                loss, m = papo_loss(logp, mb.old_logp, mb.ref_logp, mb.masked_logp, mb.advantages, mb.response_mask,
                                     algo, global_token_count=global_tokens)
             return loss * scale, {k: float(v) for k, v in m.items()}
 
@@ -375,7 +375,7 @@ class Trainer:
             print(f"resuming from {path}", flush=True)
         train_state = ckpt.load_checkpoint(path, self.models.checkpoint_modules(), self.optimizer, self.scheduler)
         self.data.load_state_dict(train_state.pop("data"))
-        self.state = RunState(**{k: v for k, v in train_state.items() if k in RunState.__dataclass_fields__})
+        self.state = ckpt.RunState(**{k: v for k, v in train_state.items() if k in ckpt.RunState.__dataclass_fields__})
 
 
 def _agreed(flag: bool) -> bool:

@@ -22,12 +22,6 @@ from megatron_papo.rollout.engine import RolloutRequest, SamplingConfig
 from megatron_papo.trainer.config import TrainConfig
 
 
-@dataclass
-class RunState:
-    step: int = 0            # RL steps completed
-    sft_done: bool = False   # the warm-up (if any) ran and the reference model holds its result
-
-
 # ------------------------------------------------------------------ models
 @dataclass
 class Models:
