@@ -255,6 +255,8 @@ def load_checkpoint(path: Path, modules: dict, optimizer, scheduler) -> dict[str
     states, and returns the saved train_state. Unpickles nothing from the checkpoint."""
     from megatron.core import dist_checkpointing
 
+    from megatron_papo.models.qwen2_5_vl.checkpoint_io import weights_only_common_load
+
     train_state = read_train_state(path)
     _check_no_pickles(path)
     if not train_state["optimizer_saved"]:
@@ -264,7 +266,7 @@ def load_checkpoint(path: Path, modules: dict, optimizer, scheduler) -> dict[str
         print(f"{path} was saved at layout {train_state['layout']}, resuming at {layout()}: weights and optimizer "
               "state are resharded; RNG streams restart from the seed", flush=True)
     sd = _sharded_state_dict(modules, optimizer, is_loading=True, rng=same_layout)
-    loaded = dist_checkpointing.load(sd, str(path), common_strategy=_weights_only_common_load())
+    loaded = dist_checkpointing.load(sd, str(path), common_strategy=weights_only_common_load())
     for name, m in modules.items():
         m.load_state_dict(loaded[name], strict=False)
     if optimizer is not None:
@@ -291,7 +293,8 @@ def check_config(path: Path, cfg: Any) -> None:
     if differ:
         shown = ", ".join(differ[:8]) + (f" (and {len(differ) - 8} more)" if len(differ) > 8 else "")
         raise CheckpointError(f"cannot resume from {path}: options differ from its {RUN_CONFIG} ({shown}); resume "
-                              "with its values, or start a new run in another output_dir")
+                              "with its values, or start a new run from its weights in another output_dir "
+                              f"(model.load={path} model.tokenizer_dir={path}, no model.hf_dir)")
 
 
 def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
@@ -370,51 +373,21 @@ def read_train_state(path: Path) -> dict[str, Any]:
     return json.loads(f.read_text())
 
 
-# torch.distributed.checkpoint's .metadata is a pickle of these classes only (torch 2.13).
-_METADATA_CLASSES = {
-    *(("torch.distributed.checkpoint.metadata", name) for name in (
-        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
-        "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")),
-    *(("torch.distributed.checkpoint.planner", name) for name in ("SavePlan", "WriteItem", "WriteItemType",
-                                                                  "TensorWriteData")),
-    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
-    ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
-    *(("torch", name) for name, v in vars(torch).items() if isinstance(v, torch.dtype)),
-}
-
-
-class _MetadataUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str):
-        if (module, name) not in _METADATA_CLASSES:
-            raise pickle.UnpicklingError(f"refers to {module}.{name}, which is not a checkpoint metadata class")
-        return super().find_class(module, name)
-
-
 def _check_no_pickles(path: Path) -> None:
     """Read .metadata with an allow-list (megatron-core then reads it with plain pickle) and refuse
     a checkpoint that holds pickled objects (megatron-core would unpickle them)."""
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
+    from megatron_papo.models.qwen2_5_vl.checkpoint_io import read_dist_metadata
+
     try:
-        with open(Path(path) / ".metadata", "rb") as f:
-            entries = _MetadataUnpickler(f).load().state_dict_metadata
+        entries = read_dist_metadata(path).state_dict_metadata
     except (OSError, pickle.UnpicklingError, AttributeError, EOFError) as e:
         raise CheckpointError(f"{path}/.metadata: {e}; not loaded") from None
     objects = sorted(k for k, v in entries.items() if isinstance(v, BytesStorageMetadata))
     if objects:
         raise CheckpointError(f"{path} holds pickled objects ({', '.join(objects[:3])}"
                               f"{', ...' if len(objects) > 3 else ''}), which run code when loaded: not loaded")
-
-
-def _weights_only_common_load():
-    """megatron-core's common.pt reader, with weights_only=True whatever torch's default."""
-    from megatron.core.dist_checkpointing.strategies.common import COMMON_STATE_FNAME, TorchCommonLoadStrategy
-
-    class WeightsOnly(TorchCommonLoadStrategy):
-        def load_common(self, checkpoint_dir):
-            return torch.load(Path(checkpoint_dir) / COMMON_STATE_FNAME, map_location="cpu", weights_only=True)
-
-    return WeightsOnly()
 
 
 def _write_atomic(path: Path, text: str) -> None:

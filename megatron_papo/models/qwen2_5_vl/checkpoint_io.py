@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
 from pathlib import Path
@@ -225,15 +226,55 @@ def write_layout_files(folder: str | Path, hf_config: dict, tp: int, pp: int, pa
                                                         "dtype": dtype}))
 
 
+# torch.distributed.checkpoint's .metadata is a pickle of these classes only (torch 2.13).
+_METADATA_CLASSES = {
+    *(("torch.distributed.checkpoint.metadata", name) for name in (
+        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
+        "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")),
+    *(("torch.distributed.checkpoint.planner", name) for name in ("SavePlan", "WriteItem", "WriteItemType",
+                                                                  "TensorWriteData")),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+    ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+    *(("torch", name) for name, v in vars(torch).items() if isinstance(v, torch.dtype)),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _METADATA_CLASSES:
+            raise pickle.UnpicklingError(f"refers to {module}.{name}, which is not a checkpoint metadata class")
+        return super().find_class(module, name)
+
+
+def read_dist_metadata(ckpt_dir: str | Path):
+    """A torch_dist checkpoint's .metadata (a pickle) read with an allow-list of its classes, so that
+    a tampered one raises pickle.UnpicklingError instead of running code. torch and megatron-core
+    read it again with plain pickle: check first."""
+    with open(Path(ckpt_dir) / ".metadata", "rb") as f:
+        return _MetadataUnpickler(f).load()
+
+
+def weights_only_common_load():
+    """megatron-core's common.pt reader, with weights_only=True whatever torch's default."""
+    from megatron.core.dist_checkpointing.strategies.common import COMMON_STATE_FNAME, TorchCommonLoadStrategy
+
+    class WeightsOnly(TorchCommonLoadStrategy):
+        def load_common(self, checkpoint_dir):
+            return torch.load(Path(checkpoint_dir) / COMMON_STATE_FNAME, map_location="cpu", weights_only=True)
+
+    return WeightsOnly()
+
+
 def load_dist_checkpoint(model, ckpt_dir: str | Path) -> None:
     """Load a torch_dist checkpoint written at any TP/PP layout into this rank's stage."""
     ckpt_dir = Path(ckpt_dir)
     if not (ckpt_dir / ".metadata").is_file():
         raise FileNotFoundError(f"{ckpt_dir}: not a torch_dist checkpoint (no .metadata)")
+    read_dist_metadata(ckpt_dir)  # a tampered .metadata raises here, before megatron-core unpickles it
     # Tensors only: the layers' `_extra_state` objects (empty without transformer-engine fp8) are
     # pickles, and training checkpoints (megatron_papo.trainer.checkpoint) leave them out.
     _, tensors = extract_matching_values(model.sharded_state_dict(), lambda v: isinstance(v, ShardedObject))
-    state = dist_checkpointing.load(tensors, str(ckpt_dir))
+    state = dist_checkpointing.load(tensors, str(ckpt_dir), common_strategy=weights_only_common_load())
     model.load_state_dict(state, strict=False)
     missing = [k for k in model.state_dict() if k not in state and not k.endswith("_extra_state")]
     if missing:
@@ -317,8 +358,7 @@ def iter_dist_checkpoint_as_hf(ckpt_dir: str | Path, cfg: Qwen2_5_VLConfig, show
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
 
-    reader = FileSystemReader(str(ckpt_dir))
-    metadata = reader.read_metadata().state_dict_metadata
+    metadata = read_dist_metadata(ckpt_dir).state_dict_metadata
     groups: dict = {}
     for rule in hf_mapping.all_rules(cfg):
         key, layer = dist_checkpoint_key(rule.megatron)
