@@ -294,7 +294,7 @@ def check_config(path: Path, cfg: Any) -> None:
         shown = ", ".join(differ[:8]) + (f" (and {len(differ) - 8} more)" if len(differ) > 8 else "")
         raise CheckpointError(f"cannot resume from {path}: options differ from its {RUN_CONFIG} ({shown}); resume "
                               "with its values, or start a new run from its weights in another output_dir "
-                              f"(model.load={path} model.tokenizer_dir={path}, no model.hf_dir)")
+                              f"(model.load={path}, no model.hf_dir: the checkpoint holds its tokenizer)")
 
 
 def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
