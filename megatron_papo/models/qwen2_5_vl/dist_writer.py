@@ -166,6 +166,15 @@ class _GroupData:
         return chunk.unsqueeze(0) if stacked else chunk
 
 
+class _PlainMetadataWriter(FileSystemWriter):
+    """No StorageMeta in .metadata: torch records the folder as a pathlib object there, which the
+    allow-listed metadata reader (checkpoint_io.read_dist_metadata) rightly refuses to unpickle;
+    megatron-core's own saves record none either."""
+
+    def storage_meta(self):
+        return None
+
+
 def write_dist_checkpoint(hf_dir: Path, out: Path, tp: int, pp: int, dtype: torch.dtype,
                           vocab_divisible_by: int = 128, show_progress: bool = False) -> None:
     """Write the checkpoint of the HF folder `hf_dir` for layout TP x PP into the existing folder
@@ -184,7 +193,7 @@ def write_dist_checkpoint(hf_dir: Path, out: Path, tp: int, pp: int, dtype: torc
         bound, detail = memory_bound(groups, dtype)
         print(f"memory per process: at most {_mib(bound)} of tensors above baseline: {detail}", flush=True)
     plans, metadata = create_default_global_save_plan([SavePlan(_write_items(g, dtype)) for g in groups])
-    writer = FileSystemWriter(str(out))
+    writer = _PlainMetadataWriter(str(out))
     writer.set_up_storage_writer(is_coordinator=rank == 0)
     plans = writer.prepare_global_plan(plans)  # group g -> file __g_0.distcp, whichever rank writes it
     mine = range(rank, len(groups), world)
