@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 FIND_LINKS := $(if $(PIP_FIND_LINKS),$(PIP_FIND_LINKS),/opt/wheels)
 UV_FLAGS := --python $(PY) $(foreach d,$(FIND_LINKS),--find-links $(d))
 
-.PHONY: venv test demo bench lock clean
+.PHONY: venv test lint demo bench lock clean
 
 $(VENV)/.installed: requirements.lock setup.py $(wildcard csrc/*.cpp)
 	test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
@@ -21,6 +21,9 @@ venv: $(VENV)/.installed
 
 test: venv
 	OMP_NUM_THREADS=1 $(PY) -m pytest tests
+
+lint: venv
+	$(VENV)/bin/ruff check .
 
 demo: venv
 	bash examples/papo_tiny.sh

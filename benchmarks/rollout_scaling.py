@@ -31,7 +31,6 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 
 def worker(args) -> None:
-    import torch
     import torch.distributed as dist
     from rollout_common import random_image
     from weight_sync import PeakRSS, bench_flavor

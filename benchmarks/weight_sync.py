@@ -102,8 +102,13 @@ def main():
     from rollout_common import build_tiny_hf_folder, random_image
 
     from megatron_papo.models.qwen2_5_vl import parity
-    from megatron_papo.models.qwen2_5_vl.checkpoint_io import (HFReader, gather_hf_tensors, load_hf_weights,
-                                                             param_rules, write_hf_folder)
+    from megatron_papo.models.qwen2_5_vl.checkpoint_io import (
+        HFReader,
+        gather_hf_tensors,
+        load_hf_weights,
+        param_rules,
+        write_hf_folder,
+    )
     from megatron_papo.models.qwen2_5_vl.model import ModelParallelOptions, build_model
     from megatron_papo.parallel import ParallelContext, destroy_model_parallel, initialize_model_parallel
     from megatron_papo.rollout.engine import RolloutRequest, SamplingConfig

@@ -84,11 +84,11 @@ def _error(e: Exception) -> int:
 def check_layout(cfg) -> None:
     """The training and rollout layout against the job (torchrun's variables) and the model, before
     any process group or model exists."""
+    import torch
+
     from megatron_papo.parallel.context import check_rollout_tp, ranks_per_host
     from megatron_papo.rollout.reshard import vllm_padded_vocab
     from megatron_papo.trainer.build import model_config
-
-    import torch
 
     world = int(os.environ.get("WORLD_SIZE", 1))
     p = cfg.parallel

@@ -5,8 +5,17 @@ import math
 import pytest
 import torch
 
-from megatron_papo.algos import (PAPOConfig, aggregate, dynamic_sampling_keep, fill_with_informative_groups,
-                                 grpo_advantages, load_preset, overlong_penalty, papo_loss, papo_loss_from_logits)
+from megatron_papo.algos import (
+    PAPOConfig,
+    aggregate,
+    dynamic_sampling_keep,
+    fill_with_informative_groups,
+    grpo_advantages,
+    load_preset,
+    overlong_penalty,
+    papo_loss,
+    papo_loss_from_logits,
+)
 
 # Two responses, 4 token slots each. Response 0 has A = +1 and 3 tokens (last slot is padding);
 # response 1 has A = -2 and 4 tokens. Ratios pi/pi_old chosen to hit every clip branch.

@@ -156,8 +156,13 @@ def test_export_of_a_training_checkpoint_loads_and_evaluates(tmp_path):
     """The HF export of a checkpoint holding what the trainer writes (Models.write_model_files:
     tokenizer, chat template, image-processor config) loads in transformers (model, tokenizer,
     processor) and runs through megatron_papo.eval; eval on a file without usable rows says so."""
-    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer, Qwen2_5_VLForConditionalGeneration
-    from transformers import Qwen2VLImageProcessor
+    from transformers import (
+        AutoImageProcessor,
+        AutoProcessor,
+        AutoTokenizer,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2VLImageProcessor,
+    )
 
     from megatron_papo.data.tokenizer import save_tiny_tokenizer
 

@@ -312,9 +312,9 @@ def _row_of_cell(py, px, gw):  # DEPENDENCY_NOTES: rows in 2x2 merge-window orde
 
 
 def test_masked_pixel_values_differ_only_in_masked_patches(processor):
-    from megatron_papo.ops import masking
     from megatron_papo.data.processor import MaskConfig
     from megatron_papo.data.sample import Sample
+    from megatron_papo.ops import masking
 
     rng = np.random.default_rng(0)
     images = [rng.integers(1, 256, (84, 112, 3), dtype=np.uint8), rng.integers(1, 256, (56, 56, 3), dtype=np.uint8)]
@@ -352,7 +352,8 @@ def test_processor_from_model_folder(tmp_path, processor):
     processor.image_processor.save_pretrained(tmp_path)
     loaded = VLProcessor.from_config(ProcessorConfig(tokenizer_path=str(tmp_path), min_pixels=56 * 56, max_pixels=56 * 56))
     img = np.zeros((112, 112, 3), np.uint8)
-    assert loaded(loaded.chat_text([{"role": "user", "content": [{"type": "image"}]}]), [img]).image_grid_thw.tolist() == [[1, 4, 4]]
+    encoded = loaded(loaded.chat_text([{"role": "user", "content": [{"type": "image"}]}]), [img])
+    assert encoded.image_grid_thw.tolist() == [[1, 4, 4]]
     with pytest.raises(FileNotFoundError, match="preprocessor_config.json"):
         VLProcessor.from_config(ProcessorConfig(tokenizer_path=str(tmp_path / "nowhere")))
 

@@ -29,7 +29,8 @@ def test_hf_config_round_trip(name):
 
 def test_param_count_matches_transformers_tiny():
     torch = pytest.importorskip("torch")
-    from transformers import Qwen2_5_VLConfig as HFConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers import Qwen2_5_VLConfig as HFConfig
+    from transformers import Qwen2_5_VLForConditionalGeneration
 
     for tied in (False, True):
         cfg = get_flavor("tiny", tie_word_embeddings=tied)

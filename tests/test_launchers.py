@@ -3,9 +3,10 @@
 - `bash examples/papo_72b.sh` with rehearsal sizes (1 node, 4 processes, TP2 x PP2, rollout.tp 2, the
   tiny HF folder): its first step converts the folder (one process, as written), then it trains one
   step with the shipped papo_72b.yaml plus size overrides only, on a data file mixing one-image,
-  two-image, text-only and bad rows, and a second invocation resumes (the requeue path). Kept from the recipe: sequence parallel, recompute, micro_batch_tokens, data.path,
-  top-p 0.99. Overridden on CPU, with the reason: parallel.bf16 and parallel.distributed_optimizer
-  (megatron-core's mixed-precision and distributed optimizers wrap CUDA tensors only).
+  two-image, text-only and bad rows, and a second invocation resumes (the requeue path). Kept from
+  the recipe: sequence parallel, recompute, micro_batch_tokens, data.path, top-p 0.99. Overridden on
+  CPU, with the reason: parallel.bf16 and parallel.distributed_optimizer (megatron-core's
+  mixed-precision and distributed optimizers wrap CUDA tensors only).
 - `sbatch examples/slurm/papo_72b.sbatch` under stand-in `srun` / `scontrol` executables (scripts
   written here, recording their arguments): two nodes start the launcher once each with their
   NODE_RANK and node 0's address; on one node, a SIGUSR1 to the batch script reaches the trainer,

@@ -8,10 +8,21 @@ from pathlib import Path
 import pytest
 
 from megatron_papo.models.qwen2_5_vl.flavors import PUBLISHED_PARAM_COUNTS, get_flavor
-from megatron_papo.models.qwen2_5_vl.scaling import (RECOMMENDED_72B_LAYOUT, Layout, RolloutSetup, TrainingSetup,
-                                                     busiest_stage, candidate_layouts, fits, naive_sync_traffic,
-                                                     plan_memory, smallest_gpu_count, stage_params, vllm_bytes,
-                                                     weight_sync_traffic)
+from megatron_papo.models.qwen2_5_vl.scaling import (
+    RECOMMENDED_72B_LAYOUT,
+    Layout,
+    RolloutSetup,
+    TrainingSetup,
+    busiest_stage,
+    candidate_layouts,
+    fits,
+    naive_sync_traffic,
+    plan_memory,
+    smallest_gpu_count,
+    stage_params,
+    vllm_bytes,
+    weight_sync_traffic,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -24,7 +35,8 @@ VOCAB_PARALLEL = ("embed_tokens", "lm_head")
 def split_hf_tensors(flavor: str, tp: int, pp: int, vision_on_first_stage: bool = True, **overrides):
     """Per stage: (params one TP rank holds, of which replicated) from the HF model's parameters."""
     torch = pytest.importorskip("torch")
-    from transformers import Qwen2_5_VLConfig as HFConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers import Qwen2_5_VLConfig as HFConfig
+    from transformers import Qwen2_5_VLForConditionalGeneration
 
     cfg = get_flavor(flavor, **overrides)
     with torch.device("meta"):

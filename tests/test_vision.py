@@ -10,8 +10,18 @@ from transformers.vision_utils import get_vision_window_index
 from megatron_papo.models.qwen2_5_vl import hf_mapping
 from megatron_papo.models.qwen2_5_vl.vision import window_order
 from megatron_papo.parallel import destroy_model_parallel, initialize_model_parallel
-from tests.dist.vision_worker import (GRIDS, TOL, build, hf_state, hf_visual, inputs, load_from_hf, local_name,
-                                      tiny_config, vision_rules)
+from tests.dist.vision_worker import (
+    GRIDS,
+    TOL,
+    build,
+    hf_state,
+    hf_visual,
+    inputs,
+    load_from_hf,
+    local_name,
+    tiny_config,
+    vision_rules,
+)
 from tests.distributed import run_distributed
 
 

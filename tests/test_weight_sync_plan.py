@@ -50,7 +50,8 @@ def model():
 
 def test_plan_keeps_load_groups_whole_and_raises_the_bucket_to_the_largest(model):
     cfg, m = model
-    sync = WeightSync(cfg, SyncGroups.from_context(ParallelContext.from_megatron()), WeightSyncConfig(bucket_mb=0.1), vllm_load_group)
+    groups = SyncGroups.from_context(ParallelContext.from_megatron())
+    sync = WeightSync(cfg, groups, WeightSyncConfig(bucket_mb=0.1), vllm_load_group)
     buckets, capacity = sync.plan(param_rules(m))
     groups: dict[str, int] = {}
     for b, bucket in enumerate(buckets):

@@ -32,8 +32,12 @@ def main(argv=None):
     except OutputFolderError as e:
         parser.error(str(e))
 
-    from megatron_papo.models.qwen2_5_vl.checkpoint_io import (copy_model_files, iter_dist_checkpoint_as_hf,
-                                                               read_hf_config, write_hf_folder)
+    from megatron_papo.models.qwen2_5_vl.checkpoint_io import (
+        copy_model_files,
+        iter_dist_checkpoint_as_hf,
+        read_hf_config,
+        write_hf_folder,
+    )
 
     cfg = read_hf_config(args.ckpt)
     with staged_folder(args.out) as staging:

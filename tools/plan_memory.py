@@ -12,10 +12,22 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without install
 
 from megatron_papo.models.qwen2_5_vl.flavors import get_flavor
-from megatron_papo.models.qwen2_5_vl.scaling import (GB, RECOMMENDED_72B_LAYOUT, Layout, Links, RolloutSetup,
-                                                     TrainingSetup, busiest_stage, fits, memory_fields,
-                                                     naive_sync_traffic, plan_memory, smallest_gpu_count,
-                                                     stage_params, weight_sync_traffic)
+from megatron_papo.models.qwen2_5_vl.scaling import (
+    GB,
+    RECOMMENDED_72B_LAYOUT,
+    Layout,
+    Links,
+    RolloutSetup,
+    TrainingSetup,
+    busiest_stage,
+    fits,
+    memory_fields,
+    naive_sync_traffic,
+    plan_memory,
+    smallest_gpu_count,
+    stage_params,
+    weight_sync_traffic,
+)
 
 SHOWN_LAYOUTS = [Layout(8, 4), Layout(8, 2), Layout(4, 8)]
 SYNC_TRAIN_LAYOUT = Layout(8, 4)
@@ -34,7 +46,7 @@ def render(flavor: str = "72B", gpu_gb: float = 80.0, margin: float = 0.10) -> s
     cfg = get_flavor(flavor)
     gpu_bytes = gpu_gb * GB
     train, rollout, links = TrainingSetup(), RolloutSetup(), Links()
-    out = [f"### Assumptions (defaults of scaling.py)", ""]
+    out = ["### Assumptions (defaults of scaling.py)", ""]
     out += _table(["setting", "value"],
                   [[f"{obj.__class__.__name__}.{f.name}", getattr(obj, f.name)]
                    for obj in (train, rollout, links) for f in fields(obj)]
@@ -70,7 +82,7 @@ def render(flavor: str = "72B", gpu_gb: float = 80.0, margin: float = 0.10) -> s
     rows.append(["vLLM gpu_memory_utilization to set"] + [f"{t.vllm / gpu_bytes:.3f}" for t in tops])
     out += _table(["component"] + [f"{lay} ({lay.world} GPUs)" for lay in layouts], rows)
 
-    out += ["", f"### Last stage (output layer, loss): activations in GB, reference and exact PAPO mode", ""]
+    out += ["", "### Last stage (output layer, loss): activations in GB, reference and exact PAPO mode", ""]
     exact = TrainingSetup(papo_mode="exact")
     lasts = [(plan_memory(cfg, lay, train, rollout)[-1], plan_memory(cfg, lay, exact, rollout)[-1]) for lay in layouts]
     rows = [[name] + [f"{_gb(getattr(ref, name))} / {_gb(getattr(ex, name))}" for ref, ex in lasts]

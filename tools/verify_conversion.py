@@ -37,8 +37,13 @@ def main(argv=None):
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     from megatron_papo.models.qwen2_5_vl import parity
-    from megatron_papo.models.qwen2_5_vl.checkpoint_io import (HFReader, checkpoint_layout, load_dist_checkpoint,
-                                                               load_hf_weights, read_hf_config)
+    from megatron_papo.models.qwen2_5_vl.checkpoint_io import (
+        HFReader,
+        checkpoint_layout,
+        load_dist_checkpoint,
+        load_hf_weights,
+        read_hf_config,
+    )
     from megatron_papo.models.qwen2_5_vl.model import ModelParallelOptions, build_model
     from megatron_papo.parallel import destroy_model_parallel, initialize_model_parallel
 

@@ -22,12 +22,16 @@ import os
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
 from megatron_papo.data.prompts import IMAGE_PLACEHOLDER, PROMPT_TEMPLATES, render_prompt
 from megatron_papo.data.rewards import parse_choices
+
+if TYPE_CHECKING:
+    from megatron_papo.data.synthetic import SyntheticConfig
 from megatron_papo.data.sample import Sample
 
 logger = logging.getLogger(__name__)

@@ -4,5 +4,5 @@ from megatron_papo.parallel.cpu_compat import apply_cpu_remedies, remedies_appli
 from megatron_papo.parallel.distributed import destroy_model_parallel, initialize_model_parallel
 from megatron_papo.parallel.norm import RMSNorm
 
-__all__ = ["ParallelContext", "RolloutTopology", "check_rollout_tp", "apply_cpu_remedies", "remedies_applied", "initialize_model_parallel", "destroy_model_parallel",
-           "RMSNorm"]
+__all__ = ["ParallelContext", "RolloutTopology", "check_rollout_tp", "apply_cpu_remedies", "remedies_applied",
+           "initialize_model_parallel", "destroy_model_parallel", "RMSNorm"]

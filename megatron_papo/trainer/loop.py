@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
-import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,8 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megatron_papo.algos.advantages import (dynamic_sampling_keep, fill_with_informative_groups, grpo_advantages,
-                                            overlong_penalty)
+from megatron_papo.algos.advantages import dynamic_sampling_keep, fill_with_informative_groups, grpo_advantages, overlong_penalty
 from megatron_papo.algos.losses import papo_loss, papo_loss_from_logits
 from megatron_papo.data.processor import VLProcessor
 from megatron_papo.data.rewards import get_reward_fn
@@ -33,11 +30,18 @@ from megatron_papo.parallel.context import ParallelContext
 from megatron_papo.progress import Progress
 from megatron_papo.trainer import checkpoint as ckpt
 from megatron_papo.trainer.batch import Experience, collate, make_micro_batches, split_response_values
+from megatron_papo.trainer.build import (
+    DataSource,
+    build_engine,
+    build_models,
+    build_optimizer,
+    build_weight_sync,
+    rollout_requests,
+    sync_weights,
+)
 from megatron_papo.trainer.config import TrainConfig
 from megatron_papo.trainer.metrics import MetricsLogger
 from megatron_papo.trainer.pipeline import run_micro_batches
-from megatron_papo.trainer.build import (DataSource, build_engine, build_models, build_optimizer,
-                                         build_weight_sync, rollout_requests, sync_weights)
 
 
 class Trainer:

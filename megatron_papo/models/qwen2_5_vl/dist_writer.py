@@ -29,8 +29,13 @@ from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, Metadata
 from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
 
 from megatron_papo.models.qwen2_5_vl import hf_mapping
-from megatron_papo.models.qwen2_5_vl.checkpoint_io import (HF_CONFIG, HFReader, dist_checkpoint_key, read_hf_config,
-                                                           write_layout_files)
+from megatron_papo.models.qwen2_5_vl.checkpoint_io import (
+    HF_CONFIG,
+    HFReader,
+    dist_checkpoint_key,
+    read_hf_config,
+    write_layout_files,
+)
 from megatron_papo.models.qwen2_5_vl.flavors import Qwen2_5_VLConfig
 from megatron_papo.models.qwen2_5_vl.hf_mapping import Rule
 from megatron_papo.progress import Progress

@@ -77,7 +77,8 @@ class Qwen2_5_VLConfig:
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"hidden_size {self.hidden_size} not divisible by num_attention_heads {self.num_attention_heads}")
         if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(f"num_attention_heads {self.num_attention_heads} not divisible by num_key_value_heads {self.num_key_value_heads}")
+            raise ValueError(f"num_attention_heads {self.num_attention_heads} not divisible by "
+                             f"num_key_value_heads {self.num_key_value_heads}")
         if 2 * sum(self.mrope_section) != self.head_dim:
             raise ValueError(f"mrope_section {self.mrope_section} must sum to head_dim/2 = {self.head_dim // 2}")
         if self.vision.hidden_size % self.vision.num_heads:

@@ -20,6 +20,7 @@ import math
 import torch
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
@@ -31,7 +32,6 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
-from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 
 from megatron_papo.models.qwen2_5_vl.flavors import Qwen2_5_VLConfig, VisionConfig
 from megatron_papo.parallel.backend import use_transformer_engine
@@ -106,8 +106,7 @@ def vision_layer_spec(vision: VisionConfig, use_te: bool) -> ModuleSpec:
     """Layer spec; TE and local specs give the same parameter names (norms kept unfused) so one
     HF name map serves both."""
     if use_te:
-        from megatron.core.extensions.transformer_engine import (
-            TEColumnParallelLinear, TEDotProductAttention, TERowParallelLinear)
+        from megatron.core.extensions.transformer_engine import TEColumnParallelLinear, TEDotProductAttention, TERowParallelLinear
         column, row, core_attention, mask_type = (
             TEColumnParallelLinear, TERowParallelLinear, TEDotProductAttention, AttnMaskType.no_mask)
     else:
