@@ -56,6 +56,60 @@ def hf_dir(tmp_path_factory):
     return path
 
 
+# The tiny random model rewired to answer: after the prompt's last token ("\\n") it stops at once
+# or writes `\\boxed{` (about 50/50), then `7` or `3` (about 50/50), `}` and the end-of-text token.
+# Rewards and advantages are then not all zero (a random model never answers right).
+ANSWERS = ("\\boxed{7}", "\\boxed{3}")
+
+
+@pytest.fixture(scope="module")
+def answering_hf_dir(hf_dir, tmp_path_factory):
+    """hf_dir with every layer kept (random), its embeddings and lm_head rewired: each token of the
+    answers (and "\\n") gets its own basis direction (scale 10, far above what the random layers
+    add) and lm_head gives each successor of a token a logit of ~35 on that direction (the random
+    rest is ~0.2), so the model follows the answers and picks between two successors near 50/50."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from megatron_papo.data.tokenizer import load_tokenizer
+    from megatron_papo.models.qwen2_5_vl.checkpoint_io import read_hf_config
+
+    path = tmp_path_factory.mktemp("answering_hf") / "hf"
+    shutil.copytree(hf_dir, path)
+    tok, eos = load_tokenizer(path), read_hf_config(path).eos_token_id
+    seven, three = (tok(a, add_special_tokens=False)["input_ids"] for a in ANSWERS)
+    newline = tok("\n", add_special_tokens=False)["input_ids"]
+    assert len(newline) == 1 and len(seven) == len(three) == 5 and seven[:3] == three[:3] and seven[4] == three[4]
+    successors = {newline[0]: [eos, seven[0]], seven[0]: [seven[1]], seven[1]: [seven[2]],
+                  seven[2]: [seven[3], three[3]], seven[3]: [seven[4]], three[3]: [seven[4]], seven[4]: [eos]}
+    index = json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
+    weights = {f: load_file(path / f) for f in {index["model.embed_tokens.weight"], index["lm_head.weight"]}}
+    embed = weights[index["model.embed_tokens.weight"]]["model.embed_tokens.weight"]
+    head = weights[index["lm_head.weight"]]["lm_head.weight"]
+    for direction, (token, nexts) in enumerate(successors.items()):
+        embed[token] = 0.0
+        embed[token, direction] = 10.0
+        for n in nexts:
+            head[n, direction] = 3.0
+    for f, tensors in weights.items():
+        save_file(tensors, path / f, metadata={"format": "pt"})
+    return path
+
+
+def _number_data(folder: Path, answers: list[str]) -> Path:
+    """A jsonl data file: one 56x56 image per row (a colour of its own), the given answers."""
+    from PIL import Image
+
+    rows = []
+    for i, answer in enumerate(answers):
+        Image.new("RGB", (56, 56), (37 * i % 256, 90, 200 - 23 * i % 200)).save(folder / f"{i}.png")
+        rows.append({"problem": "<image>Which number is shown?", "answer": answer, "images": [str(folder / f"{i}.png")]})
+    data = folder / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return data
+
+
 def _env():
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), VLLM_CPU_KVCACHE_SPACE="1",
                VLLM_ENABLE_V1_MULTIPROCESSING="0", TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
@@ -215,18 +269,60 @@ def test_alarm_stops_every_rank(hf_dir, tmp_path):
     assert [r["step"] for r in _metrics(out)] == [1, 2] and _latest(out) == 2
 
 
-def test_dapo_dynamic_sampling_refills_then_pads(hf_dir, tmp_path):
-    """papo_d: groups with uniform accuracy are filtered and more prompts are drawn; a random model
-    answers (almost) nothing right, so the run must use all its draws, then train on a padded batch."""
+def _hf_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+def _grpo(rewards: list[float]) -> list[float]:
+    mean = sum(rewards) / len(rewards)
+    std = math.sqrt(sum((r - mean) ** 2 for r in rewards) / (len(rewards) - 1))
+    return [(r - mean) / (std + 1e-6) for r in rewards]
+
+
+@pytest.mark.timeout(300)
+def test_dapo_dynamic_sampling_refills_then_pads(answering_hf_dir, tmp_path):
+    """papo_d on the answering model and 8 data rows (file order; answers 7 and 3 can be right,
+    5 never): each step draws rows 0-3, finds fewer than 4 groups of mixed accuracy, draws rows 4-7
+    (its one refill), and trains on the informative groups in the order drawn, padded with the first
+    uninformative ones, whose advantages are zero. The run is seeded: 1 then 2 informative groups.
+    With model.freeze_vision the vision tower is the HF folder's after training (in the checkpoint)
+    and the engine still samples from the trainer's weights."""
     out = tmp_path / "dapo"
-    _train(1, out, hf_dir, ["steps=1", "preset=papo_d", "rollout.dynamic_sampling_max_tries=1",
-                            "checkpoint.save_interval=0"])
-    row = _metrics(out)[0]
-    informative = round(row["groups_informative"] * row["groups_drawn"])
-    assert row["groups_drawn"] in (4, 8)  # rollout_batch_size prompts per draw, at most 1 + 1 draws
-    if informative < 4:
-        assert row["groups_drawn"] == 8, row
-    assert all(map(math.isfinite, _numeric(row).values())), row
+    answers = ["7", "5", "3", "5", "7", "5", "5", "5"]
+    data = _number_data(tmp_path, answers)
+    _train(1, out, answering_hf_dir, ["steps=2", "preset=papo_d", "rollout.dynamic_sampling_max_tries=1",
+                                      "checkpoint.save_interval=0", "rollout.dump=true", f"data.path={data}",
+                                      "data.shuffle=false", "data.prompt_template=synthetic",
+                                      "model.freeze_vision=true"], timeout=240)
+    rows, dumps = _metrics(out), _rollouts(out)
+    assert [r["step"] for r in rows] == [1, 2] and len(dumps) == 2
+    eos = 1017
+    allowed = [[eos], [59, 265, 90, 22, 92, eos], [59, 265, 90, 18, 92, eos]]  # ANSWERS, tokenised
+    for row, dump, expected_informative in zip(rows, dumps, ([0], [0, 4])):
+        assert all(isinstance(v, (int, float)) and math.isfinite(v) for v in row.values()), row  # NaN is a string
+        assert row["groups_drawn"] == 8 and row["groups_informative"] == len(expected_informative) / 8, row
+        assert len(dump) == 12 and all(e["response_ids"] in allowed for e in dump), dump
+        groups = [dump[i: i + 3] for i in range(0, 12, 3)]
+        assert all(len({e["sample_id"] for e in g}) == 1 for g in groups)
+        informative = [g[0]["sample_id"] for g in groups if len({e["accuracy"] for e in g}) == 2]
+        assert informative == expected_informative
+        padding = [i for i in range(8) if i not in informative][:4 - len(informative)]  # first uninformative drawn
+        assert [g[0]["sample_id"] for g in groups] == informative + padding
+        for g in groups:
+            assert all(e["accuracy"] == float(e["response_ids"] == allowed[1] and answers[e["sample_id"]] == "7"
+                                               or e["response_ids"] == allowed[2] and answers[e["sample_id"]] == "3")
+                       for e in g)
+            expected = _grpo([e["reward"] for e in g]) if g[0]["sample_id"] in informative else [0.0] * 3
+            assert [e["advantage"] for e in g] == pytest.approx(expected, abs=1e-5), g
+        assert row["rollout_logp_diff"] < 1e-4
+    assert any(e["response_ids"] == [eos] for e in dumps[0])  # immediate stops: one EOS token
+    trained, initial = _weights(out / "checkpoints" / "step_00000002"), _hf_tensors(answering_hf_dir)
+    assert trained.keys() == initial.keys()
+    vision = [k for k in trained if k.startswith("visual.")]
+    assert vision and all(torch.equal(trained[k], initial[k]) for k in vision)
+    assert all(not torch.equal(trained[k], initial[k]) for k in trained if k not in vision)
 
 
 def test_token_budget_micro_batches_give_the_same_update(hf_dir, tmp_path):

@@ -1,9 +1,13 @@
 """Worker for tests/test_checkpoint.py: `python checkpoint_kill.py MODE OUT [key=value ...]` builds the
 trainer (tiny model, no rollout engine) with the overrides and:
 
-    save             a complete checkpoint of step 1, then a save of step 2 SIGKILLed right after
-                     megatron-core wrote its files (before our rename/`latest`)
-    load             resume as the trainer does and print the step and a weight checksum
+    save             a complete checkpoint of step 1 of a trainer moved off its seeded start (weights of
+                     policy and reference perturbed, one optimizer step, three scheduler steps, 3 prompts
+                     drawn), then a save of step 2 SIGKILLed right after megatron-core wrote its files
+                     (before our rename/`latest`); OUT/state_fresh.pt and OUT/state_saved.pt hold `state`
+                     as built and as saved
+    load             resume as the trainer does, print the step and a weight checksum, write
+                     OUT/state_loaded.pt
     step1            a checkpoint of step 1
     prune            (with checkpoint.keep_last=1) checkpoints of steps 1, 2, 3; SIGKILLed while the save of
                      step 3 deletes step 2, after it deleted two files
@@ -13,6 +17,7 @@ trainer (tiny model, no rollout engine) with the overrides and:
     poison_objects   a checkpoint of step 1 whose RNG state is a pickle that writes OUT/pwned when loaded
     poison_metadata  a checkpoint of step 1 whose .metadata is such a pickle
 """
+import json
 import os
 import pickle
 import shutil
@@ -43,6 +48,29 @@ def checksum(t) -> float:
     return float(sum(p.double().sum() for p in t.models.policy[0].module.parameters()))
 
 
+def state(t) -> dict:
+    """What a resume must restore, by name: every tensor of the checkpointed modules, the Adam state of
+    every parameter and the optimizer's param-group numbers (lr, ...), the scheduler's numbers, this
+    rank's RNG states and the data position."""
+    from megatron_papo.trainer.checkpoint import rng_state
+
+    out = {f"{name}.{k}": v.detach().clone() for name, m in t.models.checkpoint_modules().items()
+           for k, v in m.state_dict().items() if isinstance(v, torch.Tensor)}
+    names = {p: n for n, p in t.models.policy[0].module.named_parameters()}
+    for i, inner in enumerate(getattr(t.optimizer, "chained_optimizers", [t.optimizer])):
+        for j, group in enumerate(inner.optimizer.param_groups):
+            out.update({f"optimizer{i}.group{j}.{k}": torch.tensor(float(v), dtype=torch.float64)
+                        for k, v in group.items() if isinstance(v, (int, float))})
+            for p in group["params"]:
+                for k, v in inner.optimizer.state.get(p, {}).items():
+                    out[f"optimizer{i}.{names[p]}.{k}"] = torch.as_tensor(v).clone()
+    out.update({f"scheduler.{k}": torch.tensor(float(v), dtype=torch.float64)
+                for k, v in t.scheduler.state_dict().items() if isinstance(v, (int, float))})
+    out.update({f"rng.{k}": v.clone() for k, v in rng_state().items()})
+    out["data"] = json.dumps(t.data.state_dict(), sort_keys=True)
+    return out
+
+
 class WritesMarker:
     """Unpickling it runs code: it writes the marker file."""
 
@@ -68,8 +96,21 @@ def main(mode: str, out: str, extra: list[str]) -> None:
     t = trainer(out, extra)
     marker = Path(out) / "pwned"
     if mode == "save":
+        torch.save(state(t), Path(out) / "state_fresh.pt")
+        generator = torch.Generator().manual_seed(123)
+        with torch.no_grad():  # what a process that builds the same seeded model does not have
+            for name, m in t.models.checkpoint_modules().items():
+                for p in m.parameters():
+                    p.add_(torch.randn(p.shape, generator=generator))
+        for p in t.models.policy[0].module.parameters():
+            p.main_grad.copy_(torch.randn(p.shape, generator=generator))
+        t.optimizer.step()
+        for _ in range(3):
+            t.scheduler.step(increment=1)
+        t.data.next_batch(3)
         t.state.step = 1
         t._save()
+        torch.save(state(t), Path(out) / "state_saved.pt")
         print(f"saved step 1 checksum={checksum(t)!r}", flush=True)
         original = dist_checkpointing.save
 
@@ -131,6 +172,8 @@ def main(mode: str, out: str, extra: list[str]) -> None:
         print("poisoned checkpoint written", flush=True)
         return
     print(f"resumed step {t.state.step} checksum={checksum(t)!r}", flush=True)
+    if mode == "load":
+        torch.save(state(t), Path(out) / "state_loaded.pt")
     if mode == "load_save":
         t.state.step += 1
         t._save()
