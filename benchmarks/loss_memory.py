@@ -11,9 +11,22 @@ before the measured iterations) minus the resident set at that moment (inputs al
 the extra physical memory the loss forward + backward needed, gradients included. Time: median
 wall time of the measured iterations (forward + backward), max over ranks.
 
-Last line: peak_mem_ratio=<ours/naive> time_ratio=<ours/naive>
+Peer column: per-token log-prob + entropy only (fp32 logits, forward + backward of a random
+per-token combination of the two), at --peer-tokens sizes, ours (`ops.vocab_parallel_stats`) vs the
+peer path of verl's Megatron actor, both in one process pair on the same inputs, interleaved:
+megatron-core's `vocab_parallel_cross_entropy` on a clone of the logits (it writes into its input)
+for the log-prob, plus an entropy autograd function that keeps the softmax for its backward (the
+algorithm of `_VocabParallelEntropy` in verl's verl/utils/megatron/tensor_parallel.py, rewritten here
+from its description). Results and gradients must agree (max abs differences printed). Memory: the
+same VmHWM figure, per measured iteration, after malloc_trim (freed heap returned before the
+baseline, so neither variant reuses the other's pages); time and memory are medians over iterations.
+
+Last line: peak_mem_ratio=<ours/naive> time_ratio=<ours/naive> peer_time_ratio=<ours/peer>
+peer_mem_ratio=<ours/peer> (the peer ratios: the worst over the --peer-tokens sizes)
 """
 import argparse
+import ctypes
+import gc
 import os
 import socket
 import statistics
@@ -25,6 +38,7 @@ import torch.multiprocessing as mp
 
 from megatron_papo.algos import load_preset, papo_loss_from_logits
 from megatron_papo.algos.losses import combine_loss_terms
+from megatron_papo.ops import vocab_parallel_stats
 
 TP = 2
 
@@ -106,6 +120,105 @@ def _worker(rank, variant, port, tokens, vocab, iters, results):
     dist.destroy_process_group()
 
 
+class _PeerEntropy(torch.autograd.Function):
+    """Entropy on vocab-parallel logits as verl's Megatron actor computes it (algorithm of
+    `_VocabParallelEntropy`, verl/utils/megatron/tensor_parallel.py, written anew): global max by
+    all-reduce, softmax = exp(x - max) / all-reduced sum, E_softmax[x] all-reduced, entropy =
+    max + log(sum) - E[x]. It saves the logits and the full softmax; the backward works in place
+    on the saved softmax (softmax * (E[x] - x) * grad), shifting the logits in place and back.
+    verl torch.compile's the softmax * x reduction; here it is eager (one [tokens, V/TP] temporary)."""
+
+    @staticmethod
+    def forward(ctx, logits, group):
+        x = logits.float()
+        top = x.max(dim=-1, keepdim=True).values
+        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+        softmax = (x - top).exp_()
+        total = softmax.sum(dim=-1, keepdim=True)
+        dist.all_reduce(total, group=group)
+        softmax.div_(total)
+        mean_x = (softmax * x).sum(dim=-1, keepdim=True)
+        dist.all_reduce(mean_x, group=group)
+        ctx.save_for_backward(x, softmax, mean_x)
+        return (top + total.log() - mean_x).squeeze(-1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, softmax, mean_x = ctx.saved_tensors
+        x.sub_(mean_x)
+        softmax.mul_(x).mul_(grad.unsqueeze(-1)).neg_()
+        x.add_(mean_x)
+        return softmax, None
+
+
+def _peer_stats(logits, target, group):
+    """verl's path: log p(target) = -megatron-core vocab_parallel_cross_entropy(clone), entropy above."""
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+    logp = -vocab_parallel_cross_entropy(logits.clone(), target)
+    return logp, _PeerEntropy.apply(logits, group)
+
+
+def _ours_stats(logits, target, group):
+    stats = vocab_parallel_stats(logits, group, target=target)
+    return stats.logp, stats.entropy
+
+
+def _peer_worker(rank, port, sizes, vocab, iters, results):
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(TP))
+    from megatron_papo.parallel import destroy_model_parallel, initialize_model_parallel
+    initialize_model_parallel(tp=TP)  # megatron-core's TP group, which vocab_parallel_cross_entropy reads
+    from megatron.core import parallel_state
+    group = parallel_state.get_tensor_model_parallel_group()
+    libc = ctypes.CDLL("libc.so.6")
+    local = vocab // TP
+    for tokens in sizes:
+        g = torch.Generator().manual_seed(1000 * tokens + rank)  # this rank's shard of the logits
+        logits = torch.randn(tokens, local, generator=g).mul_(3).requires_grad_()
+        g = torch.Generator().manual_seed(tokens)  # the same on both ranks
+        target = torch.randint(0, vocab, (tokens,), generator=g)
+        weights = torch.randn(2, tokens, generator=g)
+        outputs, mem, sec = {}, {"ours": [], "peer": []}, {"ours": [], "peer": []}
+        for i in range(iters):
+            for variant in (("ours", "peer") if i % 2 == 0 else ("peer", "ours")):
+                logits.grad = None
+                gc.collect()
+                libc.malloc_trim(0)
+                dist.barrier(group)
+                base_kib = _rss_kib("VmRSS")
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")
+                t0 = time.perf_counter()
+                logp, entropy = (_ours_stats if variant == "ours" else _peer_stats)(logits, target, group)
+                (logp * weights[0] + entropy * weights[1]).sum().backward()
+                sec[variant].append(time.perf_counter() - t0)
+                mem[variant].append((_rss_kib("VmHWM") - base_kib) / 1024)
+                outputs[variant] = (logp.detach(), entropy.detach(), logits.grad)
+                del logp, entropy
+        diff = [float((a - b).abs().max()) for a, b in zip(outputs["ours"], outputs["peer"])]
+        del outputs
+        logits.grad = None
+        results.put((tokens, rank, {v: (statistics.median(mem[v]), statistics.median(sec[v])) for v in mem}, diff))
+        del logits
+    dist.barrier()
+    destroy_model_parallel()
+
+
+def run_peer(sizes, vocab, iters):
+    """{tokens: ({variant: (MiB, s)} worst rank, [max |ours - peer| of logp, entropy, grad])}."""
+    ctx = mp.get_context("spawn")
+    results = ctx.SimpleQueue()
+    mp.start_processes(_peer_worker, args=(_free_port(), sizes, vocab, iters, results), nprocs=TP,
+                       start_method="spawn")
+    rows = [results.get() for _ in range(TP * len(sizes))]
+    out = {}
+    for tokens in sizes:
+        mine = [r for r in rows if r[0] == tokens]
+        figures = {v: (max(r[2][v][0] for r in mine), max(r[2][v][1] for r in mine)) for v in ("ours", "peer")}
+        out[tokens] = (figures, [max(r[3][k] for r in mine) for k in range(3)])
+    return out
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -127,15 +240,31 @@ def main():
                         help="tokens per micro-batch (naive needs ~6.4 MiB/token/rank: 512 keeps both ranks ~7 GB)")
     parser.add_argument("--vocab", type=int, default=152064, help="(padded) vocabulary, Qwen2.5-VL's")
     parser.add_argument("--iters", type=int, default=3, help="measured forward+backward iterations")
+    parser.add_argument("--peer-tokens", default="256,1024,4096",
+                        help="token counts of the log-prob + entropy comparison with verl's path")
+    parser.add_argument("--peer-iters", type=int, default=5, help="measured iterations per variant and size")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     figures = {v: run(v, args.tokens, args.vocab, args.iters) for v in ("ours", "naive")}
+    peer = run_peer([int(t) for t in args.peer_tokens.split(",")], args.vocab, args.peer_iters)
     print(f"exact PAPO loss fwd+bwd, TP={TP} gloo CPU, {args.tokens} tokens, vocab {args.vocab}, bf16 logits")
     print(f"{'variant':<8} {'peak extra RSS / rank (MiB)':>28} {'time / iter (s)':>16}")
     for v, (mem, sec) in figures.items():
         print(f"{v:<8} {mem:>28.0f} {sec:>16.3f}")
+    print(f"\nlog-prob + entropy fwd+bwd, TP={TP} gloo CPU, vocab {args.vocab}, fp32 logits: ours vs verl's "
+          f"Megatron path (megatron-core vocab_parallel_cross_entropy on a clone + softmax-saving entropy)")
+    print(f"{'tokens':>6} {'ours MiB':>9} {'peer MiB':>9} {'mem ratio':>9} {'ours s':>8} {'peer s':>8} "
+          f"{'time ratio':>10}  max |ours - peer| logp / entropy / grad")
+    time_ratios, mem_ratios = [], []
+    for tokens, (fig, diff) in peer.items():
+        (mo, so), (mp_, sp) = fig["ours"], fig["peer"]
+        time_ratios.append(so / sp)
+        mem_ratios.append(mo / mp_)
+        print(f"{tokens:>6} {mo:>9.0f} {mp_:>9.0f} {mo / mp_:>9.3f} {so:>8.3f} {sp:>8.3f} {so / sp:>10.3f}  "
+              + " / ".join(f"{d:.1e}" for d in diff))
     (m_o, t_o), (m_n, t_n) = figures["ours"], figures["naive"]
-    print(f"peak_mem_ratio={m_o / m_n:.3f} time_ratio={t_o / t_n:.3f}")
+    print(f"peak_mem_ratio={m_o / m_n:.3f} time_ratio={t_o / t_n:.3f} "
+          f"peer_time_ratio={max(time_ratios):.3f} peer_mem_ratio={max(mem_ratios):.3f}")
 
 
 if __name__ == "__main__":

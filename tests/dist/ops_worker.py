@@ -139,6 +139,13 @@ def run_tp(tp, group, rank_in_group):
     # bf16 logits: fp32 results equal the fp32 math on the bf16 values; grads come back in bf16
     check_case("bf16", x, y, target, group, r, tp, temperature=0.7, dtype=torch.bfloat16,
                grad_tol=dict(rtol=1e-2, atol=1e-3))
+    # Qwen2.5-VL's vocabulary, default chunking, fp32 accuracy (the ranks' statistics combined)
+    gl = torch.Generator().manual_seed(99)
+    xl = torch.randn(TOKENS, 152064, generator=gl) * 4
+    yl = xl + torch.randn(TOKENS, 152064, generator=gl)
+    fine = dict(rtol=2e-7, atol=4e-6)
+    check_case("vocab152k", xl, yl, torch.randint(0, 152064, (TOKENS,), generator=gl), group, r, tp,
+               valid=152064, chunk_size=None, tol=fine, grad_tol=fine)
     check_wrappers(x, y, target, group, r, tp, temperature=1.3)
     check_exact_loss(x, y, target % (VOCAB - 5), group, r, tp)
 
