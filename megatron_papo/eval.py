@@ -21,8 +21,12 @@ def hf_folder_for(ckpt: Path, workdir: Path) -> Path:
     """An HF folder vLLM can load: `ckpt` itself, or a conversion of the Megatron checkpoint."""
     if any(ckpt.glob("*.safetensors")):
         return ckpt
-    from megatron_papo.models.qwen2_5_vl.checkpoint_io import (copy_model_files, iter_dist_checkpoint_as_hf,
-                                                               read_hf_config, write_hf_folder)
+    from megatron_papo.models.qwen2_5_vl.checkpoint_io import (
+        copy_model_files,
+        iter_dist_checkpoint_as_hf,
+        read_hf_config,
+        write_hf_folder,
+    )
 
     cfg = read_hf_config(ckpt)
     out = workdir / "hf"

@@ -33,7 +33,8 @@ from tests.helpers_hf import save_tiny_hf_folder  # noqa: E402
 # Small but complete: 4 prompts x n=3 responses, 2 micro-batches, PAPO_H (all loss terms on).
 RUN_ARGS = [
     "preset=papo_h", "rollout_batch_size=4", "global_batch_size=4", "micro_batch_size=6", "sft_steps=0",
-    "rollout.n=3", "rollout.top_p=1.0", "rollout.max_new_tokens=12", "rollout.max_prompt_tokens=128", "rollout.engine_dtype=float32",
+    "rollout.n=3", "rollout.top_p=1.0", "rollout.max_new_tokens=12", "rollout.max_prompt_tokens=128",
+    "rollout.engine_dtype=float32",
     # Adam's first step is lr * g / (|g| + eps): with eps = 1e-8 an element whose gradient is ~1e-8
     # turns fp32 summation-order noise (TP2 vs TP1) into an lr-sized difference; 1e-6 keeps the
     # comparison meaningful without changing the update elsewhere.
@@ -332,7 +333,7 @@ def test_token_budget_micro_batches_give_the_same_update(hf_dir, tmp_path):
     fixed, packed = tmp_path / "fixed", tmp_path / "packed"
     common = ["steps=1", "algo.loss_agg_mode=global_token_mean"]
     _train(1, fixed, hf_dir, common)
-    log = _train(1, packed, hf_dir, common + ["micro_batch_tokens=150"])
+    _train(1, packed, hf_dir, common + ["micro_batch_tokens=150"])
     a, b = _metrics(fixed)[0], _metrics(packed)[0]
     assert abs(a["rollout_logp_diff"] - b["rollout_logp_diff"]) < 1e-6, (a, b)  # old log-probs: same values
     wa, wb = _weights(fixed / "checkpoints" / "step_00000001"), _weights(packed / "checkpoints" / "step_00000001")

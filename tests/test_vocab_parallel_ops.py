@@ -3,8 +3,7 @@ process, chunking invariance, saved-state size and input validation."""
 import pytest
 import torch
 
-from megatron_papo.ops import (vocab_parallel_entropy, vocab_parallel_kl, vocab_parallel_logprob,
-                               vocab_parallel_stats)
+from megatron_papo.ops import vocab_parallel_entropy, vocab_parallel_kl, vocab_parallel_logprob, vocab_parallel_stats
 from tests.distributed import run_distributed
 
 
