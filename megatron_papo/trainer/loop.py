@@ -297,7 +297,11 @@ class Trainer:
                                               self.model_cfg.vocab_size)
                 loss, m = papo_loss(logp, mb.old_logp, mb.ref_logp, mb.masked_logp, mb.advantages, mb.response_mask,
                                     algo, global_token_count=global_tokens)
-            return loss * scale, {k: float(v) for k, v in m.items()}
+            metrics = {k: float(v) for k, v in m.items()}
+            if global_tokens is not None:  # report means over the step's tokens, not over micro-batches
+                share = mb.num_response_tokens / global_tokens  # (the loss already is a sum / global_tokens)
+                metrics = {k: v * scale * (1.0 if k == "loss" else share) for k, v in metrics.items()}
+            return loss * scale, metrics
 
         for chunk in self.models.policy:
             chunk.zero_grad_buffer()
