@@ -7,14 +7,27 @@
 output of tools/convert_hf_to_megatron.py, at any TP/PP); a Megatron checkpoint is converted to a
 temporary HF folder first, one layer at a time. Prints one line per metric and, as its last line,
 `avg@k=<accuracy> pass@k=<fraction> format=<fraction> samples=<n>`.
+
+--masked also evaluates every problem on its masked image, masked exactly as training masks it
+(the checkpoint's run_config.yaml `mask` section; MaskConfig's defaults for a folder without one),
+and prints `masked: avg@k=... pass@k=... format=...` before the last line. The difference in avg@k
+is the perception gap: what the answers owe to the image.
+
+From Python (megatron_papo.study uses it): `Evaluator(ckpt, ...)` builds one engine, `load(ckpt)`
+swaps in another checkpoint's weights, `run(samples, k, mask=...)` returns an `EvalResult` with one
+row per response (its text included).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import yaml
 
 
 def hf_folder_for(ckpt: Path, workdir: Path) -> Path:
@@ -35,6 +48,151 @@ def hf_folder_for(ckpt: Path, workdir: Path) -> Path:
     return out
 
 
+class EvalError(ValueError):
+    """A checkpoint or data set that cannot be evaluated; one line saying why."""
+
+
+@dataclass
+class EvalResult:
+    k: int
+    problems: int
+    rows: list[dict] = field(default_factory=list)  # one per response: sample_id, answer, accuracy, format, response
+
+    @property
+    def avg(self) -> float:
+        """avg@k: mean accuracy over every response."""
+        return sum(r["accuracy"] for r in self.rows) / max(len(self.rows), 1)
+
+    @property
+    def pass_at_k(self) -> float:
+        """pass@k: fraction of problems with at least one right response among their k."""
+        return len({r["sample_id"] for r in self.rows if r["accuracy"] > 0}) / max(self.problems, 1)
+
+    @property
+    def format(self) -> float:
+        return sum(r["format"] for r in self.rows) / max(len(self.rows), 1)
+
+
+def mask_config_for(ckpt: Path):
+    """The mask a training checkpoint was trained with (its run_config.yaml), or None."""
+    from megatron_papo.data.processor import MaskConfig
+
+    f = Path(ckpt) / "run_config.yaml"
+    if not f.is_file():
+        return None
+    section = (yaml.safe_load(f.read_text()) or {}).get("mask") or {}
+    return MaskConfig(**section)
+
+
+def masked_samples(samples: list, mask) -> list:
+    """The samples with every image masked as training masks it (data/processor.py, `reference`
+    method: the raw image, cells of mask.patch_size px set to mask.fill with probability mask.ratio,
+    seeded by (mask.seed, sample_id, image index)); the engine's processor then sees what the
+    trainer's masked branch sees. `patch_aligned` masks processed pixel rows, which an engine that
+    takes images cannot be given."""
+    from megatron_papo.data.processor import to_rgb_array
+    from megatron_papo.ops import masking
+
+    if mask.method != "reference":
+        raise EvalError(f"masked evaluation needs mask.method=reference (raw images); got {mask.method!r}")
+    out = []
+    for s in samples:
+        if s.images:
+            n = len(s.images)
+            images = masking.mask_raw_images([to_rgb_array(im) for im in s.images], seed=mask.seed,
+                                             sample_ids=[s.sample_id] * n, image_indices=list(range(n)),
+                                             ratio=mask.ratio, patch_size=mask.patch_size, fill=mask.fill)
+            s = dataclasses.replace(s, images=images)
+        out.append(s)
+    return out
+
+
+class Evaluator:
+    """One vLLM engine for the checkpoints of one model: `load(ckpt)` swaps the weights in (the
+    architecture, tokenizer and image processor must be the first checkpoint's)."""
+
+    def __init__(self, ckpt: str | Path, *, dtype: str = "bfloat16", max_new_tokens: int = 2048, seed: int = 0,
+                 min_pixels: int | None = None, max_pixels: int | None = None, max_images_per_prompt: int = 1):
+        self.max_new_tokens, self.seed = max_new_tokens, seed
+        self._tmp = tempfile.TemporaryDirectory()
+        self._loads = 0
+        self.ckpt = Path(ckpt)
+        try:
+            self._build(dtype, min_pixels, max_pixels, max_images_per_prompt)
+        except BaseException:
+            self._tmp.cleanup()
+            raise
+
+    def _build(self, dtype, min_pixels, max_pixels, max_images_per_prompt) -> None:
+        from megatron_papo.data.processor import ProcessorConfig, VLProcessor
+        from megatron_papo.rollout.vllm_engine import VLLMEngine, VLLMEngineConfig
+
+        ckpt = self.ckpt
+        folder = self._hf_folder(ckpt)
+        if not (folder / "preprocessor_config.json").is_file():
+            raise EvalError(f"--ckpt {ckpt}: no preprocessor_config.json (nor tokenizer files?); the trainer writes "
+                            f"them into every checkpoint, tools/convert_*.py carry them along")
+        trained = json.loads((folder / "preprocessor_config.json").read_text()).get("size", {})
+        defaults = ProcessorConfig()
+        self.processor = VLProcessor.from_config(ProcessorConfig(
+            tokenizer_path=str(folder), min_pixels=min_pixels or trained.get("shortest_edge", defaults.min_pixels),
+            max_pixels=max_pixels or trained.get("longest_edge", defaults.max_pixels)))
+        self.config = json.loads((folder / "config.json").read_text())
+        self.engine = VLLMEngine(VLLMEngineConfig(
+            model_path=str(folder), dtype=dtype, seed=self.seed,
+            max_model_len=min(4096 + self.max_new_tokens, self.config.get("max_position_embeddings", 1 << 30)),
+            max_images_per_prompt=max_images_per_prompt))
+
+    def _hf_folder(self, ckpt: Path) -> Path:
+        if not ckpt.is_dir():
+            raise EvalError(f"--ckpt {ckpt}: not a directory")
+        self._loads += 1
+        work = Path(self._tmp.name) / str(self._loads)
+        work.mkdir()
+        return hf_folder_for(ckpt, work)
+
+    def load(self, ckpt: str | Path) -> None:
+        """Evaluate `ckpt` from now on (same model config as the first checkpoint)."""
+        ckpt = Path(ckpt)
+        if ckpt == self.ckpt:
+            return
+        folder = self._hf_folder(ckpt)
+        config = json.loads((folder / "config.json").read_text())
+        if config != self.config:
+            differ = sorted(k for k in config.keys() | self.config.keys() if config.get(k) != self.config.get(k))
+            raise EvalError(f"{ckpt}: its model config differs from {self.ckpt}'s ({', '.join(differ[:5])}); "
+                            "evaluate it with its own Evaluator")
+        self.engine.load_weights_from_folder(str(folder))
+        self.ckpt = ckpt
+
+    def run(self, samples: list, k: int, temperature: float = 1.0, top_p: float = 0.99, mask=None,
+            reward: str = "papo") -> EvalResult:
+        """k responses per sample, graded; `mask` (a MaskConfig): on the masked images instead.
+        The sampling seeds depend on (seed, problem index, response index) only, so the real and the
+        masked run of a checkpoint draw the same random numbers."""
+        from megatron_papo.data.rewards import get_reward_fn
+        from megatron_papo.rollout.engine import SamplingConfig
+        from megatron_papo.trainer.build import rollout_requests
+
+        shown = masked_samples(samples, mask) if mask is not None else samples
+        outputs = self.engine.generate(rollout_requests(self.processor, shown), SamplingConfig(
+            n=k, temperature=temperature, top_p=top_p, max_new_tokens=self.max_new_tokens,
+            stop_token_ids=[self.config["eos_token_id"]], seed=self.seed))
+        reward_fn = get_reward_fn(reward)
+        result = EvalResult(k=k, problems=len(samples))
+        for s, outs in zip(samples, outputs):
+            for o in outs:
+                text = self.processor.tokenizer.decode(o.response_token_ids, skip_special_tokens=True)
+                g = reward_fn(text, s.answer, s.choices)
+                result.rows.append({"sample_id": s.sample_id, "answer": s.answer, "accuracy": g.accuracy,
+                                    "format": g.format, "response": text})
+        return result
+
+    def close(self) -> None:
+        self.engine.close()
+        self._tmp.cleanup()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="megatron_papo.eval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -53,17 +211,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="bfloat16", help="vLLM dtype (float32 on CPU for exactness)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--reward", default="papo", help="reward function (data/rewards.py): papo or exact_match")
-    p.add_argument("--out", help="write per-sample results as jsonl here")
+    p.add_argument("--masked", action="store_true",
+                   help="also on the masked images, masked as in training (the checkpoint's run_config.yaml mask)")
+    p.add_argument("--out", help="write per-response results (with their text) as jsonl here")
     args = p.parse_args(argv)
 
     from megatron_papo.data.dataset import DataConfig, PapoDataset
-    from megatron_papo.data.processor import ProcessorConfig, VLProcessor
-    from megatron_papo.data.rewards import get_reward_fn
+    from megatron_papo.data.processor import MaskConfig
     from megatron_papo.data.synthetic import SyntheticConfig, SyntheticShapes
-    from megatron_papo.models.qwen2_5_vl.checkpoint_io import read_hf_config
-    from megatron_papo.rollout.engine import SamplingConfig
-    from megatron_papo.rollout.vllm_engine import VLLMEngine, VLLMEngineConfig
-    from megatron_papo.trainer.build import rollout_requests
 
     ckpt = Path(args.ckpt)
     if not ckpt.is_dir():
@@ -80,39 +235,30 @@ def main(argv: list[str] | None = None) -> int:
         why = dataset.stats.summary() if isinstance(dataset, PapoDataset) else f"--limit {args.limit}"
         print(f"error: --data {args.data}: no usable rows to evaluate ({why})", file=sys.stderr)
         return 2
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = hf_folder_for(ckpt, Path(tmp))
-        if not (folder / "preprocessor_config.json").is_file():
-            print(f"error: --ckpt {ckpt}: no preprocessor_config.json (nor tokenizer files?); the trainer writes them "
-                  f"into every checkpoint, tools/convert_*.py carry them along", file=sys.stderr)
-            return 2
-        trained = json.loads((folder / "preprocessor_config.json").read_text()).get("size", {})
-        defaults = ProcessorConfig()
-        processor = VLProcessor.from_config(ProcessorConfig(
-            tokenizer_path=str(folder), min_pixels=args.min_pixels or trained.get("shortest_edge", defaults.min_pixels),
-            max_pixels=args.max_pixels or trained.get("longest_edge", defaults.max_pixels)))
-        config = read_hf_config(folder)  # flat, or nested under text_config as transformers 5 saves it
-        engine = VLLMEngine(VLLMEngineConfig(model_path=str(folder), dtype=args.dtype, seed=args.seed,
-                                             max_model_len=min(4096 + args.max_new_tokens,
-                                                               config.max_position_embeddings),
-                                             max_images_per_prompt=max(1, max(len(s.images) for s in samples))))
-        outputs = engine.generate(rollout_requests(processor, samples), SamplingConfig(
-            n=args.k, temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
-            stop_token_ids=[config.eos_token_id], seed=args.seed))
-    reward_fn = get_reward_fn(args.reward)
-    rows, solved = [], 0
-    for s, outs in zip(samples, outputs):
-        graded = [reward_fn(processor.tokenizer.decode(o.response_token_ids, skip_special_tokens=True), s.answer,
-                            s.choices) for o in outs]
-        solved += any(g.accuracy > 0 for g in graded)
-        rows += [{"sample_id": s.sample_id, "answer": s.answer, "accuracy": g.accuracy, "format": g.format}
-                 for g in graded]
-    acc = sum(r["accuracy"] for r in rows) / max(len(rows), 1)
-    fmt = sum(r["format"] for r in rows) / max(len(rows), 1)
+    mask = (mask_config_for(ckpt) or MaskConfig()) if args.masked else None
+    try:
+        if mask is not None:
+            masked_samples(samples[:1], mask)  # an unsupported mask method, before the engine is built
+        evaluator = Evaluator(ckpt, dtype=args.dtype, max_new_tokens=args.max_new_tokens, seed=args.seed,
+                              min_pixels=args.min_pixels, max_pixels=args.max_pixels,
+                              max_images_per_prompt=max(1, max(len(s.images) for s in samples)))
+    except EvalError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        real = evaluator.run(samples, args.k, args.temperature, args.top_p, reward=args.reward)
+        masked = (evaluator.run(samples, args.k, args.temperature, args.top_p, mask=mask, reward=args.reward)
+                  if mask else None)
+    finally:
+        evaluator.close()
     if args.out:
+        rows = real.rows + [dict(r, masked=True) for r in (masked.rows if masked else [])]
         Path(args.out).write_text("".join(json.dumps(r) + "\n" for r in rows))
-    print(f"problems {len(samples)}  samples {len(rows)}  k {args.k}")
-    print(f"avg@{args.k}={acc:.4f} pass@{args.k}={solved / max(len(samples), 1):.4f} format={fmt:.4f} samples={len(rows)}")
+    print(f"problems {len(samples)}  samples {len(real.rows)}  k {args.k}")
+    if masked is not None:
+        print(f"masked: avg@{args.k}={masked.avg:.4f} pass@{args.k}={masked.pass_at_k:.4f} format={masked.format:.4f} "
+              f"perception_gap={real.avg - masked.avg:+.4f} (mask ratio {mask.ratio}, seed {mask.seed})")
+    print(f"avg@{args.k}={real.avg:.4f} pass@{args.k}={real.pass_at_k:.4f} format={real.format:.4f} samples={len(real.rows)}")
     return 0
 
 

@@ -10,6 +10,8 @@ Images are `image_size` px square, a multiple of 28, so the Qwen2-VL processor d
 """
 from __future__ import annotations
 
+import re
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -152,6 +154,48 @@ class SyntheticShapes:
 
 def sft_target(scene: Scene) -> str:
     return f"<think>{scene.description()}</think> \\boxed{{{scene.answer}}}"
+
+
+PERCEPTION_ERRORS = ("count", "colour", "shape", "order")
+_THINK = re.compile(r"<think>(.*?)</think>", re.S)
+
+
+def parse_description(response: str) -> list[tuple[str, str]] | None:
+    """The (colour, shape) items named by a response's first `<think>` block, in order, when it
+    reads as a scene description (`sft_target`'s `colour shape, colour shape`); else None."""
+    m = _THINK.search(response)
+    if m is None:
+        return None
+    items = []
+    for part in m.group(1).split(","):
+        words = part.split()
+        if len(words) != 2 or words[0] not in COLOURS or words[1] not in SHAPES:
+            return None
+        items.append((words[0], words[1]))
+    return items
+
+
+def perception_errors(scene: Scene, response: str) -> list[str] | None:
+    """What a response's description of the scene (its `<think>` block) gets wrong, a subset of
+    PERCEPTION_ERRORS: "count" (another number of shapes), "colour" / "shape" (a colour / kind the
+    scene does not hold in that number), "order" (level 3 only, whose columns are distinct: the
+    right shapes in the wrong left-to-right order). [] when the description is right; None when
+    the response holds no readable description."""
+    said = parse_description(response)
+    if said is None:
+        return None
+    truth = [(s.colour, s.kind) for s in sorted(scene.shapes, key=lambda s: s.cx)]
+    errors = []
+    if len(said) != len(truth):
+        errors.append("count")
+    for name, index in (("colour", 0), ("shape", 1)):
+        seen, real = Counter(x[index] for x in said), Counter(x[index] for x in truth)
+        # with another count, only a colour / kind absent from the scene is certainly wrong
+        if (seen != real) if len(said) == len(truth) else bool(seen.keys() - real.keys()):
+            errors.append(name)
+    if not errors and scene.level == 3 and said != truth:
+        errors.append("order")
+    return errors
 
 
 def corpus_lines() -> list[str]:

@@ -36,9 +36,11 @@ class MonitorConfig:
 def loss_hacking_alarm(history: list[dict[str, float]], cfg: MonitorConfig) -> str | None:
     """PAPO's collapse signature (PAPO_SPEC.md): KL_prcp jumps while the entropies of BOTH the real
     and the masked policy rise. Compares the last `alarm_window` steps with the steps before them.
-    Returns a human-readable reason, or None."""
+    Steps whose values are not finite numbers (a diverged step's NaN, stored as the string "nan")
+    are left out. Returns a human-readable reason, or None."""
     w = cfg.alarm_window
-    rows = [h for h in history if all(k in h for k in ("kl_prcp", "entropy", "masked_entropy"))]
+    rows = [h for h in history if all(isinstance(h.get(k), (int, float)) and math.isfinite(h[k])
+                                      for k in ("kl_prcp", "entropy", "masked_entropy"))]
     if len(rows) < 2 * w:
         return None
     base, recent = rows[:-w], rows[-w:]
