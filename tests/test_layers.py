@@ -15,7 +15,8 @@ LAYERS = [  # bottom to top
     {"ops", "parallel"},
     {"rollout", "algos", "models", "data"},
     {"trainer"},
-    {"train", "eval", "study"},
+    {"train", "eval"},
+    {"study"},  # runs the trainer and the evaluation
 ]
 LAYER = {part: level for level, parts in enumerate(LAYERS) for part in parts}
 # rollout's reshard and weight sync map Megatron weights to vLLM's through THE HF map of the model
