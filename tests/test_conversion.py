@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from tests.distributed import REPO, run_distributed
 from tests.helpers_hf import save_tiny_hf_folder
@@ -112,12 +112,15 @@ def test_converters_never_destroy_a_folder(tmp_path):
         assert r.returncode == 2 and f"--hf-dir {hf_dir}" in r.stderr, r.stderr[-3000:]
     assert _files(hf_dir) == hf_files
 
-    broken = tmp_path / "broken"  # an HF folder whose last shard is missing: fails half-way
+    # an HF folder whose last shard holds tensors of the wrong shape: it passes the up-front header
+    # check and fails half-way through the conversion
+    broken = tmp_path / "broken"
     broken.mkdir()
     shards = sorted(hf_dir.glob("*.safetensors"))
     for f in hf_dir.iterdir():
         if f != shards[-1]:
             (broken / f.name).write_bytes(f.read_bytes())
+    save_file({name: torch.zeros(3) for name in load_file(shards[-1])}, broken / shards[-1].name)
     r = _tool(to_mcore, "--hf-dir", broken, "--out", busy, "--overwrite", "--dtype", "fp32")
     assert r.returncode not in (0, 2), r.stderr[-3000:]
     assert _files(busy) == {"mine.txt": b"not yours"}
