@@ -137,10 +137,14 @@ class Evaluator:
         self.processor = VLProcessor.from_config(ProcessorConfig(
             tokenizer_path=str(folder), min_pixels=min_pixels or trained.get("shortest_edge", defaults.min_pixels),
             max_pixels=max_pixels or trained.get("longest_edge", defaults.max_pixels)))
+        from megatron_papo.models.qwen2_5_vl.checkpoint_io import read_hf_config
+
         self.config = json.loads((folder / "config.json").read_text())
+        # flat, or nested under text_config as transformers 5 saves it
+        self.model_cfg = read_hf_config(folder)
         self.engine = VLLMEngine(VLLMEngineConfig(
             model_path=str(folder), dtype=dtype, seed=self.seed,
-            max_model_len=min(4096 + self.max_new_tokens, self.config.get("max_position_embeddings", 1 << 30)),
+            max_model_len=min(4096 + self.max_new_tokens, self.model_cfg.max_position_embeddings),
             max_images_per_prompt=max_images_per_prompt))
 
     def _hf_folder(self, ckpt: Path) -> Path:
@@ -177,7 +181,7 @@ class Evaluator:
         shown = masked_samples(samples, mask) if mask is not None else samples
         outputs = self.engine.generate(rollout_requests(self.processor, shown), SamplingConfig(
             n=k, temperature=temperature, top_p=top_p, max_new_tokens=self.max_new_tokens,
-            stop_token_ids=[self.config["eos_token_id"]], seed=self.seed))
+            stop_token_ids=[self.model_cfg.eos_token_id], seed=self.seed))
         reward_fn = get_reward_fn(reward)
         result = EvalResult(k=k, problems=len(samples))
         for s, outs in zip(samples, outputs):

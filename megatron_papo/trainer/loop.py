@@ -299,7 +299,7 @@ class Trainer:
                                     algo, global_token_count=global_tokens)
             metrics = {k: float(v) for k, v in m.items()}
             if global_tokens is not None:  # report means over the step's tokens, not over micro-batches
-                share = mb.num_response_tokens / global_tokens  # (the loss already is a sum / global_tokens)
+                share = float(mb.response_mask.sum()) / global_tokens  # (the loss already is a sum / global_tokens)
                 metrics = {k: v * scale * (1.0 if k == "loss" else share) for k, v in metrics.items()}
             return loss * scale, metrics
 
