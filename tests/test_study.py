@@ -13,6 +13,7 @@ import torch
 import yaml
 
 from megatron_papo.data.synthetic import SyntheticConfig, SyntheticShapes, perception_errors, sft_target
+from megatron_papo.trainer.checkpoint import flat_keys
 from tests.distributed import REPO
 
 # tests/test_train.py's RUN_ARGS sizes (4 prompts x 3 responses), a 2-step SFT warm-up, an alarm
@@ -84,7 +85,7 @@ def test_study_end_to_end(tmp_path):
     configs = {}
     for label in ("grpo", "papo_g"):
         final = out / "seed_1" / label / "checkpoints" / "step_00000002"
-        configs[label] = _flat(yaml.safe_load((final / "run_config.yaml").read_text()))
+        configs[label] = flat_keys(yaml.safe_load((final / "run_config.yaml").read_text()))
         assert configs[label]["model.load"] == str(step0) and configs[label]["sft_steps"] == 0
     differ = {key for key in configs["grpo"] if configs["grpo"][key] != configs["papo_g"][key]}
     assert differ and all(key in ("preset", "output_dir", "checkpoint.save_dir") or key.startswith("algo.")
@@ -134,14 +135,6 @@ def _rows(path):
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _flat(tree, prefix=""):
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def test_alarm_skips_non_finite_steps(tmp_path):

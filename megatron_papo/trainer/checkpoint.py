@@ -284,7 +284,7 @@ def check_config(path: Path, cfg: Any) -> None:
     f = Path(path) / RUN_CONFIG
     if not f.is_file():
         raise CheckpointError(f"{path}: no {RUN_CONFIG}; written by an older megatron_papo: not loaded")
-    saved, now = _flat(yaml.safe_load(f.read_text())), _flat(yaml.safe_load(dump_yaml(cfg)))
+    saved, now = flat_keys(yaml.safe_load(f.read_text())), flat_keys(yaml.safe_load(dump_yaml(cfg)))
     absent = "(absent)"
     keys = sorted(saved.keys() | now.keys(), key=lambda k: (k.count("."), k))  # `preset` before `algo.*`
     differ = [f"{k}: {saved.get(k, absent)} -> {now.get(k, absent)}" for k in keys
@@ -297,11 +297,12 @@ def check_config(path: Path, cfg: Any) -> None:
                               f"(model.load={path}, no model.hf_dir: the checkpoint holds its tokenizer)")
 
 
-def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
+def flat_keys(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """A nested config dict as {"section.key": value}."""
     out = {}
     for key, value in tree.items():
         if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
+            out.update(flat_keys(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value
     return out
