@@ -17,7 +17,8 @@ peer path of verl's Megatron actor, both in one process pair on the same inputs,
 megatron-core's `vocab_parallel_cross_entropy` on a clone of the logits (it writes into its input)
 for the log-prob, plus an entropy autograd function that keeps the softmax for its backward (the
 algorithm of `_VocabParallelEntropy` in verl's verl/utils/megatron/tensor_parallel.py, rewritten here
-from its description). Results and gradients must agree (max abs differences printed). Memory: the
+from its description). Results and gradients must agree to 1e-4 (asserted; the max abs differences
+are printed: log-probs and entropies of every token, gradients of 256 sampled tokens). Memory: the
 same VmHWM figure, per measured iteration, after malloc_trim (freed heap returned before the
 baseline, so neither variant reuses the other's pages); time and memory are medians over iterations.
 
@@ -178,6 +179,7 @@ def _peer_worker(rank, port, sizes, vocab, iters, results):
         g = torch.Generator().manual_seed(tokens)  # the same on both ranks
         target = torch.randint(0, vocab, (tokens,), generator=g)
         weights = torch.randn(2, tokens, generator=g)
+        rows = torch.randperm(tokens, generator=g)[:256]  # gradients compared on these tokens (memory)
         outputs, mem, sec = {}, {"ours": [], "peer": []}, {"ours": [], "peer": []}
         for i in range(iters):
             for variant in (("ours", "peer") if i % 2 == 0 else ("peer", "ours")):
@@ -193,11 +195,11 @@ def _peer_worker(rank, port, sizes, vocab, iters, results):
                 (logp * weights[0] + entropy * weights[1]).sum().backward()
                 sec[variant].append(time.perf_counter() - t0)
                 mem[variant].append((_rss_kib("VmHWM") - base_kib) / 1024)
-                outputs[variant] = (logp.detach(), entropy.detach(), logits.grad)
+                outputs[variant] = (logp.detach(), entropy.detach(), logits.grad[rows].clone())
                 del logp, entropy
+                logits.grad = None
         diff = [float((a - b).abs().max()) for a, b in zip(outputs["ours"], outputs["peer"])]
-        del outputs
-        logits.grad = None
+        assert max(diff) <= 1e-4, f"ours and the peer path disagree at {tokens} tokens: {diff}"
         results.put((tokens, rank, {v: (statistics.median(mem[v]), statistics.median(sec[v])) for v in mem}, diff))
         del logits
     dist.barrier()
