@@ -2,6 +2,7 @@
 
 - two full RL steps at TP2xPP2 (two TP2 engines), and at TP2xDP2 (four TP1 engines), equal the same
   steps at TP1 with one engine (metrics with grad norms, and updated weights, fp32);
+- so do two steps at PP2xDP2 with exact perception/entropy modes and many options on at once;
 - two engines give the same responses and steps as one TP2 engine, with sequence parallel and
   recompute on the latter; token-budget micro-batches give the same steps as fixed-size ones;
 - DAPO's dynamic sampling refills, then pads, the batch;
@@ -369,6 +370,43 @@ def test_token_budget_micro_batches_give_the_same_update(hf_dir, tmp_path):
     assert max((wa[k] - w0[k]).abs().max().item() for k in wa) > 1e-4, "the steps must move the weights"
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], atol=1e-5, rtol=0, msg=k)
+
+
+# One run with many options on, at PP2 x DP2 (rollout.tp=2: TP2 engines fed by TP1 stages), against
+# the same run at TP1. The answering model gives non-zero advantages; exact modes put [real; masked]
+# (2B sequences) through the pipeline, whose schedule is told B.
+OPTIONS = ["steps=2", "algo.perception_mode=exact", "algo.entropy_mode=exact", "algo.masked_branch_grad=true",
+           "ppo_epochs=2", "rollout_batch_size=8", "algo.loss_agg_mode=seq_mean", "algo.kl_estimator=k2",
+           "optim.warmup_steps=10", "checkpoint.keep_last=2", "rollout.dump=true", "data.shuffle=false",
+           "data.prompt_template=synthetic"]
+
+
+@pytest.mark.timeout(720)
+def test_exact_modes_and_options_at_pp2_dp2_equal_tp1(answering_hf_dir, tmp_path):
+    """Exact perception and entropy with the masked branch's gradient, ppo_epochs=2, two minibatches per
+    step (rollout_batch_size 8 > global_batch_size 4: each DP rank takes its slice of each), seq_mean,
+    the k2 reference KL, a warm-up longer than the run and keep_last pruning: two steps at PP2 x DP2
+    equal those at TP1 (metrics, grad norms, responses, weights). The lr rises linearly over the 2
+    epochs x 2 minibatches = 4 optimizer steps per RL step, from 0; only the last 2 checkpoints are kept."""
+    data = _number_data(tmp_path, ["7", "3", "5", "7"] * 4)
+    ref, pp = tmp_path / "tp1", tmp_path / "pp2dp2"
+    _train(1, ref, answering_hf_dir, OPTIONS + [f"data.path={data}"], timeout=240)
+    _train(4, pp, answering_hf_dir, OPTIONS + [f"data.path={data}", "parallel.pp=2", "rollout.tp=2"], timeout=420)
+    _assert_same_steps(ref, pp, "pp2dp2")
+    assert _rollouts(ref) == _rollouts(pp) and len(_rollouts(ref)) == 2
+    for step, (row, dump) in enumerate(zip(_metrics(ref), _rollouts(ref)), 1):
+        assert len(dump) == 24 and any(e["advantage"] != 0 for e in dump), step  # the policy term trains
+        assert row["lr"] == pytest.approx(1e-3 * 4 * step / 10, rel=1e-9), row
+        assert row["kl_prcp"] > 0 and row["masked_entropy"] > 0 and row["ref_kl"] != 0, row
+        assert row["ratio_mean"] != 1.0, row  # epoch 2 sees a policy its first epoch moved
+    for run in (ref, pp):
+        assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step_00000001", "step_00000002"]
+    wr, wp = _weights(ref / "checkpoints" / "step_00000002"), _weights(pp / "checkpoints" / "step_00000002")
+    initial = _hf_tensors(answering_hf_dir)
+    assert wr.keys() == wp.keys() == initial.keys()
+    assert max((wr[k] - initial[k]).abs().max().item() for k in wr) > 1e-4
+    for k in wr:
+        torch.testing.assert_close(wp[k], wr[k], atol=1e-5, rtol=0, msg=k)
 
 
 def _rollouts(out: Path) -> list[list[dict]]:
