@@ -1,16 +1,19 @@
 """The trainer end to end (vLLM rollouts, megatron-core updates, checkpoints):
 
-- one full RL step at TP2xPP2 (two TP2 engines), and at DP2 (two TP1 engines), equals the same step
-  at TP1 with one engine (metrics and updated weights, fp32);
+- two full RL steps at TP2xPP2 (two TP2 engines), and at TP2xDP2 (four TP1 engines), equal the same
+  steps at TP1 with one engine (metrics with grad norms, and updated weights, fp32);
+- so do two steps at PP2xDP2 with exact perception/entropy modes and many options on at once;
 - two engines give the same responses and steps as one TP2 engine, with sequence parallel and
-  recompute on the latter;
+  recompute on the latter; token-budget micro-batches give the same steps as fixed-size ones;
+- DAPO's dynamic sampling refills, then pads, the batch;
 - a bad layout is one error line before anything is built;
 - a 2-rank job killed with SIGKILL after step k and resumed with --resume auto reproduces the
   metrics and weights of an uninterrupted run bitwise, and none of its processes outlive it;
 - SIGTERM makes the run save and exit 0.
 
 Every run starts from the same tiny HF folder (random weights, the built-in tokenizer), so all
-layouts hold identical weights.
+layouts hold identical weights; some from that folder rewired to answer (answering_hf_dir).
+Each test's timeout is above the sum of its launches' timeouts.
 """
 import json
 import math
@@ -125,11 +128,18 @@ def _command(nproc: int, out: Path, hf_dir: Path, extra=()):
             "127.0.0.1", "--master-port", str(free_port()), *train]
 
 
-def _train(nproc: int, out: Path, hf_dir: Path, extra=(), timeout=600):
-    proc = subprocess.run(_command(nproc, out, hf_dir, extra), cwd=REPO, env=_env(), capture_output=True,
-                          text=True, timeout=timeout)
-    assert proc.returncode == 0, f"training failed (rc={proc.returncode})\n{(proc.stdout + proc.stderr)[-6000:]}"
-    return proc.stdout + proc.stderr
+def _train(nproc: int, out: Path, hf_dir: Path, extra=(), *, timeout: float):
+    """The run to its end; on a timeout the whole launch (launcher, ranks, their children) is killed."""
+    proc = subprocess.Popen(_command(nproc, out, hf_dir, extra), cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        log = proc.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        log = proc.communicate()[0]
+        raise AssertionError(f"training timed out after {timeout}s\n{log[-6000:]}") from None
+    assert proc.returncode == 0, f"training failed (rc={proc.returncode})\n{log[-6000:]}"
+    return log
 
 
 def _metrics(out: Path) -> list[dict]:
@@ -148,38 +158,47 @@ def _numeric(row: dict) -> dict:
             and k != "tokens_per_s"}
 
 
+def _assert_same_steps(ref: Path, other: Path, what: str) -> None:
+    """Every step's metrics agree (grad_norm, which sees the gradient's scale, to 1e-5 relative)."""
+    rows_ref, rows = _metrics(ref), _metrics(other)
+    assert [r["step"] for r in rows] == [r["step"] for r in rows_ref]
+    for a, b in zip(map(_numeric, rows_ref), map(_numeric, rows)):
+        assert a.keys() == b.keys(), (what, a.keys() ^ b.keys())
+        for key in a:
+            assert b[key] == pytest.approx(a[key], abs=1e-5), (what, a["step"], key, a[key], b[key])
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5), (what, a["step"])
+        # the engine sampled from exactly the trainer's weights and inputs (top_p=1: no renormalisation)
+        assert a["rollout_logp_diff"] < 1e-4 and b["rollout_logp_diff"] < 1e-4, what
+
+
+@pytest.mark.timeout(1200)
 def test_rl_step_tp2pp2_and_dp2_equal_tp1(hf_dir, tmp_path):
+    """Two RL steps at TP2xPP2 (two TP2 engines) and at TP2xDP2 (four TP1 engines) equal those at TP1
+    (metrics, grad norms, weights after step 2): step 2 also checks the weight sync of step 1."""
     one, four = tmp_path / "tp1", tmp_path / "tp2pp2"
-    _train(1, one, hf_dir, ["steps=1"])
-    _train(4, four, hf_dir, ["steps=1", "parallel.tp=2", "parallel.pp=2", "rollout.tp=2"])
-    m1, m4 = _numeric(_metrics(one)[-1]), _numeric(_metrics(four)[-1])
-    assert m1.keys() == m4.keys()
-    for key in m1:
-        assert m4[key] == pytest.approx(m1[key], abs=1e-5), key
-    assert m1["grad_norm"] > 0 and 0 <= m1["reward"] <= 1
-    # the engine sampled from exactly the trainer's weights and inputs (top_p=1: no renormalisation)
-    assert m1["rollout_logp_diff"] < 1e-4 and m4["rollout_logp_diff"] < 1e-4
-    w1, w4 = _weights(one / "checkpoints" / "step_00000001"), _weights(four / "checkpoints" / "step_00000001")
+    _train(1, one, hf_dir, ["steps=2"], timeout=180)
+    _train(4, four, hf_dir, ["steps=2", "parallel.tp=2", "parallel.pp=2", "rollout.tp=2"], timeout=360)
+    _assert_same_steps(one, four, "tp2pp2")
+    m1 = _metrics(one)
+    assert all(r["grad_norm"] > 0 and 0 <= r["reward"] <= 1 for r in m1)
+    w1, w4 = _weights(one / "checkpoints" / "step_00000002"), _weights(four / "checkpoints" / "step_00000002")
     w0 = _weights(one / "checkpoints" / "step_00000000")
     assert w1.keys() == w4.keys()
     moved = max((w1[k] - w0[k]).abs().max().item() for k in w1)
-    assert moved > 1e-4  # the step really changed the weights (lr 1e-3)
+    assert moved > 1e-4  # the steps really changed the weights (lr 1e-3)
     for k in w1:
         torch.testing.assert_close(w4[k], w1[k], atol=1e-5, rtol=0, msg=k)
-    # data parallel: 2 replicas, each half of the responses (the same micro-batches as TP1's)
-    two = tmp_path / "dp2"
-    _train(2, two, hf_dir, ["steps=1"])
-    m2 = _numeric(_metrics(two)[-1])
-    assert m2.keys() == m1.keys()
-    for key in m1:
-        assert m2[key] == pytest.approx(m1[key], abs=1e-5), key
-    w2 = _weights(two / "checkpoints" / "step_00000001")
+    # data parallel: 2 replicas of TP2, each half of the responses (the same micro-batches as TP1's)
+    dp = tmp_path / "tp2dp2"
+    _train(4, dp, hf_dir, ["steps=2", "parallel.tp=2", "rollout.tp=1"], timeout=360)
+    _assert_same_steps(one, dp, "tp2dp2")
+    w2 = _weights(dp / "checkpoints" / "step_00000002")
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], atol=1e-5, rtol=0, msg=k)
     # the TP2xPP2 training checkpoint evaluates through the engine (converted to HF on the way)
-    ev = subprocess.run([sys.executable, "-m", "megatron_papo.eval", "--ckpt", str(four / "checkpoints" / "step_00000001"),
+    ev = subprocess.run([sys.executable, "-m", "megatron_papo.eval", "--ckpt", str(four / "checkpoints" / "step_00000002"),
                          "--k", "2", "--limit", "3", "--max-new-tokens", "8", "--dtype", "float32"],
-                        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+                        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=240)
     assert ev.returncode == 0, ev.stderr[-4000:]
     last = ev.stdout.strip().splitlines()[-1]
     assert last.startswith("avg@2=") and last.endswith("samples=6"), last
@@ -194,7 +213,7 @@ def _start(out: Path, hf_dir: Path, extra, nproc: int = 1):
     return proc, log
 
 
-def _wait_for(predicate, proc, log: Path, timeout=400):
+def _wait_for(predicate, proc, log: Path, timeout: float):
     deadline = time.time() + timeout
     while time.time() < deadline:
         if predicate():
@@ -211,6 +230,7 @@ def _latest(out: Path) -> int:
     return int(f.read_text()) if f.is_file() and f.read_text().strip() else -1
 
 
+@pytest.mark.timeout(900)
 def test_resume_after_sigkill_is_bitwise_identical(hf_dir, tmp_path):
     """Two ranks, two engines (rollout.tp=1 at training TP2). The whole job is SIGKILLed (launcher
     and ranks, as when a node dies) after step k: no process of it survives (checkpoint writers end
@@ -218,10 +238,10 @@ def test_resume_after_sigkill_is_bitwise_identical(hf_dir, tmp_path):
     --resume auto, it reproduces an uninterrupted run's metrics and weights bitwise."""
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     layout = ["steps=5", "parallel.tp=2", "rollout.tp=1"]
-    _train(2, straight, hf_dir, layout)
+    _train(2, straight, hf_dir, layout, timeout=300)
     shm_before = set(os.listdir("/dev/shm"))
     proc, log = _start(killed, hf_dir, layout, nproc=2)
-    _wait_for(lambda: _latest(killed) >= 2, proc, log)
+    _wait_for(lambda: _latest(killed) >= 2, proc, log, timeout=240)
     launcher = psutil.Process(proc.pid)
     ranks = launcher.children()
     everything = launcher.children(recursive=True)
@@ -234,7 +254,7 @@ def test_resume_after_sigkill_is_bitwise_identical(hf_dir, tmp_path):
     assert set(os.listdir("/dev/shm")) <= shm_before, set(os.listdir("/dev/shm")) - shm_before
     k = _latest(killed)
     assert 2 <= k < 5
-    log = _train(2, killed, hf_dir, layout)
+    log = _train(2, killed, hf_dir, layout, timeout=300)
     assert f"resuming from {killed / 'checkpoints' / f'step_{k:08d}'}" in log
     a, b = _metrics(straight), _metrics(killed)
     assert [r["step"] for r in b] == [1, 2, 3, 4, 5]
@@ -245,12 +265,14 @@ def test_resume_after_sigkill_is_bitwise_identical(hf_dir, tmp_path):
         assert torch.equal(wa[name], wb[name]), name
 
 
+@pytest.mark.timeout(420)
 def test_sigterm_saves_and_exits_zero(hf_dir, tmp_path):
     out = tmp_path / "term"
     proc, log_file = _start(out, hf_dir, ["steps=50", "checkpoint.save_interval=0"])
-    _wait_for(lambda: (out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().strip(), proc, log_file)
+    _wait_for(lambda: (out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text().strip(), proc, log_file,
+              timeout=240)
     proc.send_signal(signal.SIGTERM)
-    proc.wait(timeout=300)
+    proc.wait(timeout=120)
     log = log_file.read_text()
     assert proc.returncode == 0, log[-4000:]
     steps = [r["step"] for r in _metrics(out)]
@@ -258,6 +280,7 @@ def test_sigterm_saves_and_exits_zero(hf_dir, tmp_path):
     assert "checkpoint saved" in log
 
 
+@pytest.mark.timeout(360)
 def test_alarm_stops_every_rank(hf_dir, tmp_path):
     """monitor.stop_on_alarm at 2 ranks: only rank 0 watches the alarm, so the ranks must agree to
     stop (before, rank 0 saved and left while rank 1 entered the next step and waited forever). The
@@ -265,7 +288,7 @@ def test_alarm_stops_every_rank(hf_dir, tmp_path):
     out = tmp_path / "alarm"
     log = _train(2, out, hf_dir, ["steps=5", "parallel.tp=2", "monitor.stop_on_alarm=true", "monitor.alarm_window=1",
                                   "monitor.alarm_kl_factor=0", "monitor.alarm_entropy_rise=-10",
-                                  "checkpoint.save_interval=0"], timeout=400)
+                                  "checkpoint.save_interval=0"], timeout=300)
     assert "stopping after step 2 (loss-hacking alarm); checkpoint saved" in log
     assert [r["step"] for r in _metrics(out)] == [1, 2] and _latest(out) == 2
 
@@ -350,11 +373,49 @@ def test_token_budget_micro_batches_give_the_same_update(hf_dir, tmp_path):
         torch.testing.assert_close(wb[k], wa[k], atol=1e-5, rtol=0, msg=k)
 
 
+# One run with many options on, at PP2 x DP2 (rollout.tp=2: TP2 engines fed by TP1 stages), against
+# the same run at TP1. The answering model gives non-zero advantages; exact modes put [real; masked]
+# (2B sequences) through the pipeline, whose schedule is told B.
+OPTIONS = ["steps=2", "algo.perception_mode=exact", "algo.entropy_mode=exact", "algo.masked_branch_grad=true",
+           "ppo_epochs=2", "rollout_batch_size=8", "algo.loss_agg_mode=seq_mean", "algo.kl_estimator=k2",
+           "optim.warmup_steps=10", "checkpoint.keep_last=2", "rollout.dump=true", "data.shuffle=false",
+           "data.prompt_template=synthetic"]
+
+
+@pytest.mark.timeout(720)
+def test_exact_modes_and_options_at_pp2_dp2_equal_tp1(answering_hf_dir, tmp_path):
+    """Exact perception and entropy with the masked branch's gradient, ppo_epochs=2, two minibatches per
+    step (rollout_batch_size 8 > global_batch_size 4: each DP rank takes its slice of each), seq_mean,
+    the k2 reference KL, a warm-up longer than the run and keep_last pruning: two steps at PP2 x DP2
+    equal those at TP1 (metrics, grad norms, responses, weights). The lr rises linearly over the 2
+    epochs x 2 minibatches = 4 optimizer steps per RL step, from 0; only the last 2 checkpoints are kept."""
+    data = _number_data(tmp_path, ["7", "3", "5", "7"] * 4)
+    ref, pp = tmp_path / "tp1", tmp_path / "pp2dp2"
+    _train(1, ref, answering_hf_dir, OPTIONS + [f"data.path={data}"], timeout=240)
+    _train(4, pp, answering_hf_dir, OPTIONS + [f"data.path={data}", "parallel.pp=2", "rollout.tp=2"], timeout=420)
+    _assert_same_steps(ref, pp, "pp2dp2")
+    assert _rollouts(ref) == _rollouts(pp) and len(_rollouts(ref)) == 2
+    for step, (row, dump) in enumerate(zip(_metrics(ref), _rollouts(ref)), 1):
+        assert len(dump) == 24 and any(e["advantage"] != 0 for e in dump), step  # the policy term trains
+        assert row["lr"] == pytest.approx(1e-3 * 4 * step / 10, rel=1e-9), row
+        assert row["kl_prcp"] > 0 and row["masked_entropy"] > 0 and row["ref_kl"] != 0, row
+        assert row["ratio_mean"] != 1.0, row  # epoch 2 sees a policy its first epoch moved
+    for run in (ref, pp):
+        assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step_00000001", "step_00000002"]
+    wr, wp = _weights(ref / "checkpoints" / "step_00000002"), _weights(pp / "checkpoints" / "step_00000002")
+    initial = _hf_tensors(answering_hf_dir)
+    assert wr.keys() == wp.keys() == initial.keys()
+    assert max((wr[k] - initial[k]).abs().max().item() for k in wr) > 1e-4
+    for k in wr:
+        torch.testing.assert_close(wp[k], wr[k], atol=1e-5, rtol=0, msg=k)
+
+
 def _rollouts(out: Path) -> list[list[dict]]:
     return [[json.loads(line) for line in f.read_text().splitlines()]
             for f in sorted((out / "rollouts").glob("step_*.jsonl"))]
 
 
+@pytest.mark.timeout(660)
 def test_two_engines_equal_one_tp2_engine_and_sequence_parallel_equals_plain(hf_dir, tmp_path):
     """Two RL steps at training TP2, two ways: two TP1 engines (rollout.tp=1) and plain TP2, against
     one TP2 engine (rollout.tp=2) with the 72B recipe's sequence parallel and full recompute. The
@@ -363,8 +424,9 @@ def test_two_engines_equal_one_tp2_engine_and_sequence_parallel_equals_plain(hf_
     multiple of TP (the sequence lengths here are odd and even): it crashed in the embedding before."""
     two, one = tmp_path / "two_engines", tmp_path / "one_tp2_engine_sp"
     common = ["steps=2", "parallel.tp=2", "rollout.dump=true"]
-    _train(2, two, hf_dir, common + ["rollout.tp=1"])
-    _train(2, one, hf_dir, common + ["rollout.tp=2", "parallel.sequence_parallel=true", "parallel.recompute=true"])
+    _train(2, two, hf_dir, common + ["rollout.tp=1"], timeout=300)
+    _train(2, one, hf_dir, common + ["rollout.tp=2", "parallel.sequence_parallel=true", "parallel.recompute=true"],
+           timeout=300)
     assert _rollouts(two) == _rollouts(one) and len(_rollouts(two)) == 2
     lengths = {len(e["response_ids"]) for step in _rollouts(two) for e in step}
     assert len(lengths) > 1, "responses of one length would not test the padding"

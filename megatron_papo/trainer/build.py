@@ -152,6 +152,7 @@ def build_optimizer(cfg: TrainConfig, policy: list, lr: float):
         params_dtype=torch.bfloat16 if cfg.parallel.bf16 else torch.float32,
         use_distributed_optimizer=cfg.parallel.distributed_optimizer), policy)
     horizon = max(cfg.steps, cfg.sft_steps, 1) * max(cfg.ppo_epochs, 1) * (cfg.rollout_batch_size // cfg.global_batch_size) + 1
+    horizon = max(horizon, o.warmup_steps + 1)  # megatron asserts warmup < decay steps: a warm-up longer than the run
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0 if o.warmup_steps else lr, max_lr=lr, min_lr=lr, lr_warmup_steps=o.warmup_steps,
         lr_decay_steps=horizon, lr_decay_style="constant", start_wd=o.weight_decay, end_wd=o.weight_decay,
