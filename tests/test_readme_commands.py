@@ -54,3 +54,12 @@ def test_every_readme_command_is_run_or_explained():
         if how.startswith("tests/"):
             path, name = how.split("::")
             assert f"def {name}(" in (REPO / path).read_text(), f"{how} does not exist"
+
+
+def test_every_claims_table_test_exists():
+    """docs/claims.md (README's claims -> the tests that check them) names only tests that exist."""
+    text = (REPO / "docs" / "claims.md").read_text()
+    named = re.findall(r"`(tests/[\w/]+\.py)::(\w+)`", text)
+    assert len(named) >= 30
+    for path, name in named:
+        assert f"def {name}(" in (REPO / path).read_text(), f"docs/claims.md names {path}::{name}, which does not exist"
