@@ -1,10 +1,10 @@
 """The trainer end to end (vLLM rollouts, megatron-core updates, checkpoints):
 
-- two full RL steps at TP2xPP2 (two TP2 engines), and at TP2xDP2 (four TP1 engines), equal the same
-  steps at TP1 with one engine (metrics with grad norms, and updated weights, fp32);
+- two full RL steps at TP2xPP2 (two TP2 engines), at TP2xDP2 (four TP1 engines), and at TP2 with
+  sequence parallel and recompute (one TP2 engine) equal the same steps at TP1 with one engine
+  (responses token for token, metrics with grad norms, updated weights; fp32), and so do
+  token-budget micro-batches; these share one TP1 reference run;
 - so do two steps at PP2xDP2 with exact perception/entropy modes and many options on at once;
-- two engines give the same responses and steps as one TP2 engine, with sequence parallel and
-  recompute on the latter; token-budget micro-batches give the same steps as fixed-size ones;
 - DAPO's dynamic sampling refills, then pads, the batch;
 - a bad layout is one error line before anything is built;
 - a 2-rank job killed with SIGKILL after step k and resumed with --resume auto reproduces the
@@ -171,14 +171,28 @@ def _assert_same_steps(ref: Path, other: Path, what: str) -> None:
         assert a["rollout_logp_diff"] < 1e-4 and b["rollout_logp_diff"] < 1e-4, what
 
 
-@pytest.mark.timeout(1200)
-def test_rl_step_tp2pp2_and_dp2_equal_tp1(hf_dir, tmp_path):
+# The reference run of the layout tests: two steps at TP1, one engine. The global token mean makes
+# the update independent of how sequences are grouped into micro-batches (token-budget test).
+REFERENCE = ["steps=2", "algo.loss_agg_mode=global_token_mean", "rollout.dump=true"]
+REFERENCE_TIMEOUT = 200
+
+
+@pytest.fixture(scope="module")
+def tp1_run(hf_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("reference") / "tp1"
+    _train(1, out, hf_dir, REFERENCE, timeout=REFERENCE_TIMEOUT)
+    return out
+
+
+@pytest.mark.timeout(REFERENCE_TIMEOUT + 1000)
+def test_rl_step_tp2pp2_and_dp2_equal_tp1(hf_dir, tp1_run, tmp_path):
     """Two RL steps at TP2xPP2 (two TP2 engines) and at TP2xDP2 (four TP1 engines) equal those at TP1
-    (metrics, grad norms, weights after step 2): step 2 also checks the weight sync of step 1."""
-    one, four = tmp_path / "tp1", tmp_path / "tp2pp2"
-    _train(1, one, hf_dir, ["steps=2"], timeout=180)
-    _train(4, four, hf_dir, ["steps=2", "parallel.tp=2", "parallel.pp=2", "rollout.tp=2"], timeout=360)
+    (metrics, grad norms, weights after step 2, and the responses token for token: 2 and 4 engines
+    sample what 1 engine does): step 2 also checks the weight sync of step 1."""
+    one, four = tp1_run, tmp_path / "tp2pp2"
+    _train(4, four, hf_dir, REFERENCE + ["parallel.tp=2", "parallel.pp=2", "rollout.tp=2"], timeout=360)
     _assert_same_steps(one, four, "tp2pp2")
+    assert _rollouts(four) == _rollouts(one) and len(_rollouts(one)) == 2
     m1 = _metrics(one)
     assert all(r["grad_norm"] > 0 and 0 <= r["reward"] <= 1 for r in m1)
     w1, w4 = _weights(one / "checkpoints" / "step_00000002"), _weights(four / "checkpoints" / "step_00000002")
@@ -190,8 +204,9 @@ def test_rl_step_tp2pp2_and_dp2_equal_tp1(hf_dir, tmp_path):
         torch.testing.assert_close(w4[k], w1[k], atol=1e-5, rtol=0, msg=k)
     # data parallel: 2 replicas of TP2, each half of the responses (the same micro-batches as TP1's)
     dp = tmp_path / "tp2dp2"
-    _train(4, dp, hf_dir, ["steps=2", "parallel.tp=2", "rollout.tp=1"], timeout=360)
+    _train(4, dp, hf_dir, REFERENCE + ["parallel.tp=2", "rollout.tp=1"], timeout=360)
     _assert_same_steps(one, dp, "tp2dp2")
+    assert _rollouts(dp) == _rollouts(one)
     w2 = _weights(dp / "checkpoints" / "step_00000002")
     for k in w1:
         torch.testing.assert_close(w2[k], w1[k], atol=1e-5, rtol=0, msg=k)
@@ -232,12 +247,15 @@ def _latest(out: Path) -> int:
 
 @pytest.mark.timeout(900)
 def test_resume_after_sigkill_is_bitwise_identical(hf_dir, tmp_path):
-    """Two ranks, two engines (rollout.tp=1 at training TP2). The whole job is SIGKILLed (launcher
-    and ranks, as when a node dies) after step k: no process of it survives (checkpoint writers end
-    with their rank; the engines live in the ranks) and it leaves nothing in /dev/shm. Resumed with
-    --resume auto, it reproduces an uninterrupted run's metrics and weights bitwise."""
+    """Two ranks, two engines (rollout.tp=1 at training TP2), after an SFT warm-up (so the reference
+    model is the warm-up's step-0 weights, not the HF folder's: a resume that failed to load it
+    would change ref_kl). The whole job is SIGKILLed (launcher and ranks, as when a node dies) after
+    step k: no process of it survives (checkpoint writers end with their rank; the engines live in
+    the ranks) and it leaves nothing in /dev/shm. Resumed with --resume auto, it reproduces an
+    uninterrupted run's metrics (exactly: kl_prcp included, so the masked images too) and weights
+    bitwise."""
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    layout = ["steps=5", "parallel.tp=2", "rollout.tp=1"]
+    layout = ["steps=4", "sft_steps=2", "parallel.tp=2", "rollout.tp=1"]
     _train(2, straight, hf_dir, layout, timeout=300)
     shm_before = set(os.listdir("/dev/shm"))
     proc, log = _start(killed, hf_dir, layout, nproc=2)
@@ -253,14 +271,15 @@ def test_resume_after_sigkill_is_bitwise_identical(hf_dir, tmp_path):
     assert not alive, f"processes of the killed job are still running: {alive}"
     assert set(os.listdir("/dev/shm")) <= shm_before, set(os.listdir("/dev/shm")) - shm_before
     k = _latest(killed)
-    assert 2 <= k < 5
+    assert 2 <= k < 4
     log = _train(2, killed, hf_dir, layout, timeout=300)
     assert f"resuming from {killed / 'checkpoints' / f'step_{k:08d}'}" in log
     a, b = _metrics(straight), _metrics(killed)
-    assert [r["step"] for r in b] == [1, 2, 3, 4, 5]
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    assert all(r["ref_kl"] != 0 for r in a[1:]), "after step 1 the policy has left the warm-up's weights"
     for ra, rb in zip(a, b):
         assert _numeric(ra) == _numeric(rb), (ra["step"], _numeric(ra), _numeric(rb))
-    wa, wb = _weights(straight / "checkpoints" / "step_00000005"), _weights(killed / "checkpoints" / "step_00000005")
+    wa, wb = _weights(straight / "checkpoints" / "step_00000004"), _weights(killed / "checkpoints" / "step_00000004")
     for name in wa:
         assert torch.equal(wa[name], wb[name]), name
 
@@ -349,17 +368,15 @@ def test_dapo_dynamic_sampling_refills_then_pads(answering_hf_dir, tmp_path):
     assert all(not torch.equal(trained[k], initial[k]) for k in trained if k not in vision)
 
 
-@pytest.mark.timeout(420)
-def test_token_budget_micro_batches_give_the_same_update(hf_dir, tmp_path):
+@pytest.mark.timeout(REFERENCE_TIMEOUT + 240)
+def test_token_budget_micro_batches_give_the_same_update(hf_dir, tp1_run, tmp_path):
     """micro_batch_tokens regroups the sequences (length-sorted, by padded tokens) in the log-prob
     passes and, with the global token mean (which does not depend on the grouping), in the update:
     over two steps the loss, its terms and the gradient norm (which sees the gradient's scale, which
     one Adam step hides) equal those with micro_batch_size batches, the old log-probs agree with the
     engine's as closely, step 2 samples the same responses, and the weights agree (fp32)."""
-    fixed, packed = tmp_path / "fixed", tmp_path / "packed"
-    common = ["steps=2", "algo.loss_agg_mode=global_token_mean", "rollout.dump=true"]
-    _train(1, fixed, hf_dir, common, timeout=200)
-    _train(1, packed, hf_dir, common + ["micro_batch_tokens=150"], timeout=200)
+    fixed, packed = tp1_run, tmp_path / "packed"
+    _train(1, packed, hf_dir, REFERENCE + ["micro_batch_tokens=150"], timeout=200)
     assert _rollouts(fixed) == _rollouts(packed) and len(_rollouts(fixed)) == 2
     for a, b in zip(_metrics(fixed), _metrics(packed), strict=True):
         a, b = _numeric(a), _numeric(b)
@@ -415,28 +432,22 @@ def _rollouts(out: Path) -> list[list[dict]]:
             for f in sorted((out / "rollouts").glob("step_*.jsonl"))]
 
 
-@pytest.mark.timeout(660)
-def test_two_engines_equal_one_tp2_engine_and_sequence_parallel_equals_plain(hf_dir, tmp_path):
-    """Two RL steps at training TP2, two ways: two TP1 engines (rollout.tp=1) and plain TP2, against
-    one TP2 engine (rollout.tp=2) with the 72B recipe's sequence parallel and full recompute. The
-    responses are the same token for token (seeds follow the global prompt index, not the engine),
-    and the steps' metrics and weights agree. Sequence parallel needs micro-batches padded to a
-    multiple of TP (the sequence lengths here are odd and even): it crashed in the embedding before."""
-    two, one = tmp_path / "two_engines", tmp_path / "one_tp2_engine_sp"
-    common = ["steps=2", "parallel.tp=2", "rollout.dump=true"]
-    _train(2, two, hf_dir, common + ["rollout.tp=1"], timeout=300)
-    _train(2, one, hf_dir, common + ["rollout.tp=2", "parallel.sequence_parallel=true", "parallel.recompute=true"],
-           timeout=300)
-    assert _rollouts(two) == _rollouts(one) and len(_rollouts(two)) == 2
-    lengths = {len(e["response_ids"]) for step in _rollouts(two) for e in step}
+@pytest.mark.timeout(REFERENCE_TIMEOUT + 360)
+def test_one_tp2_engine_with_sequence_parallel_and_recompute_equals_tp1(hf_dir, tp1_run, tmp_path):
+    """The 72B recipe's options at tiny scale: two RL steps at training TP2 with sequence parallel and
+    full recompute, one TP2 engine (rollout.tp=2), against TP1 with one TP1 engine. The responses are
+    the same token for token (seeds follow the global prompt index, not the engine), and the steps'
+    metrics, grad norms and weights agree; the engine samples from the trainer's weights
+    (rollout_logp_diff < 1e-4). Sequence parallel needs micro-batches padded to a multiple of TP (the
+    sequence lengths here are odd and even): it crashed in the embedding before."""
+    sp = tmp_path / "one_tp2_engine_sp"
+    _train(2, sp, hf_dir, REFERENCE + ["parallel.tp=2", "rollout.tp=2", "parallel.sequence_parallel=true",
+                                       "parallel.recompute=true"], timeout=300)
+    assert _rollouts(sp) == _rollouts(tp1_run) and len(_rollouts(sp)) == 2
+    lengths = {len(e["response_ids"]) for step in _rollouts(sp) for e in step}
     assert len(lengths) > 1, "responses of one length would not test the padding"
-    for a, b in zip(_metrics(two), _metrics(one)):
-        a, b = _numeric(a), _numeric(b)
-        assert a.keys() == b.keys()
-        for key in a:
-            assert b[key] == pytest.approx(a[key], abs=1e-5), (a["step"], key)
-        assert a["rollout_logp_diff"] < 1e-4 and b["rollout_logp_diff"] < 1e-4
-    wa, wb = _weights(two / "checkpoints" / "step_00000002"), _weights(one / "checkpoints" / "step_00000002")
+    _assert_same_steps(tp1_run, sp, "tp2 sp recompute")
+    wa, wb = _weights(tp1_run / "checkpoints" / "step_00000002"), _weights(sp / "checkpoints" / "step_00000002")
     for k in wa:
         torch.testing.assert_close(wb[k], wa[k], atol=1e-5, rtol=0, msg=k)
 
@@ -461,20 +472,27 @@ BAD_CONFIGS = [  # (environment, arguments, what the one error line says)
 ]
 
 
-@pytest.mark.parametrize("env, arguments, message", BAD_CONFIGS, ids=[" ".join(a) for _, a, _ in BAD_CONFIGS])
-def test_bad_config_is_one_error_line_before_anything_is_built(tmp_path, env, arguments, message):
+def test_bad_config_is_one_error_line_before_anything_is_built(tmp_path):
     """The configuration, the layout (against torchrun's variables) and the model's sizes are checked
     before any process group, model or engine exists: one `error:` line, exit 2, printed by rank 0
-    only (the other ranks find the same error and exit quietly); nothing is written."""
-    out = tmp_path / "run"
-    for rank in (0, 1) if env else (0,):
-        proc = subprocess.run([sys.executable, "-m", "megatron_papo.train", f"output_dir={out}", *arguments],
-                              cwd=REPO, env={**_env(), **env, "RANK": str(rank)}, capture_output=True, text=True,
-                              timeout=120)
-        assert proc.returncode == 2, proc.stderr[-3000:]
+    only (the other ranks find the same error and exit quietly); nothing is written. Every case runs
+    through train.main in one worker process (tests/dist/train_errors.py)."""
+    cases, expected = [], []
+    for i, (env, arguments, message) in enumerate(BAD_CONFIGS):
+        for rank in (0, 1) if env else (0,):
+            cases.append({"env": {**env, "RANK": str(rank)}, "args": arguments, "out": str(tmp_path / f"run{i}")})
+            expected.append((" ".join(arguments), rank, message))
+    (tmp_path / "cases.json").write_text(json.dumps(cases))
+    proc = subprocess.run([sys.executable, "tests/dist/train_errors.py", str(tmp_path / "cases.json")], cwd=REPO,
+                          env={**_env(), "WORLD_SIZE": "1"}, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(results) == len(expected)
+    for (arguments, rank, message), result in zip(expected, results):
+        what = (arguments, rank, result)
+        assert result["rc"] == 2 and not result["written"], what
         if rank == 0:
-            assert len(proc.stderr.strip().splitlines()) == 1 and message in proc.stderr, proc.stderr
-            assert proc.stderr.startswith("error: ")
+            assert len(result["stderr"].strip().splitlines()) == 1 and message in result["stderr"], what
+            assert result["stderr"].startswith("error: "), what
         else:
-            assert proc.stderr.strip() == ""
-    assert not out.exists(), "nothing may be written before the configuration is checked"
+            assert result["stderr"].strip() == "", what
