@@ -2,12 +2,14 @@
 
 The batch is fixed (synthetic-task prompts, their reference responses, seeded random rewards), so
 both objectives see identical data; the phases are the trainer's own methods (the no-grad
-log-prob passes and the PPO update). PAPO's extra cost is the masked-image forward (reference
-mode); in exact mode the masked branch rides in the update's forward instead.
+log-prob passes and the PPO update). PAPO's extra cost is the masked half of the old-policy
+forward over [real; masked] (reference mode); in exact mode the masked branch rides in the update's
+forward instead.
 
     python benchmarks/step_time.py [--repeats 3] [--prompts 16] [key=value overrides]
 
-Last line: `papo_over_grpo=<(logprobs + train) PAPO / GRPO>` (goal <= 1.25).
+Last line: `papo_over_grpo=<(logprobs + train) PAPO / GRPO>` (goal <= 1.20: one more no-grad
+forward, benchmarks/summary.py).
 """
 from __future__ import annotations
 

@@ -229,32 +229,41 @@ class Trainer:
         """old (policy, real image), reference (ref model, real image) and masked (policy, masked
         image) per-token log-probs, without gradient, before the update."""
         algo, T = self.cfg.algo, self.cfg.rollout.temperature
-        # the masked branch is PAPO's only extra forward; exact modes get it inside the update instead
-        self.store_logprobs(exps, self.models.policy, "old_logp", masked=False, temperature=T)
+        # micro_batch_size / micro_batch_tokens count each sequence once, as in the exact modes' update:
+        # a [real; masked] micro-batch forwards twice that, no-grad (its logits are as large as the
+        # update's logits plus their gradient)
+        chunks = make_micro_batches(exps, self.cfg.micro_batch_size, self.cfg.micro_batch_tokens)
+        mbs = [self._collate(c) for c in chunks]  # collated once for every pass
+        # the masked branch is PAPO's only extra cost: it rides in the old-policy forward as [real; masked]
+        # (exact modes get it inside the update instead)
+        attrs = ("old_logp", "masked_logp") if algo.needs_masked_logp else ("old_logp",)
+        self.store_logprobs(chunks, mbs, self.models.policy, attrs, T)
         if algo.beta > 0:
             with self.models.reference_on_device():
-                self.store_logprobs(exps, [self.models.reference], "ref_logp", masked=False, temperature=T)
-        if algo.needs_masked_logp:
-            self.store_logprobs(exps, self.models.policy, "masked_logp", masked=True, temperature=T)
+                self.store_logprobs(chunks, mbs, [self.models.reference], ("ref_logp",), T)
 
     @torch.no_grad()
-    def store_logprobs(self, exps, model_chunks, attr: str, *, masked: bool, temperature: float) -> None:
-        chunks = make_micro_batches(exps, self.cfg.micro_batch_size, self.cfg.micro_batch_tokens)
-        mbs = [self._collate(c) for c in chunks]
+    def store_logprobs(self, chunks, mbs, model_chunks, attrs: tuple[str, ...], temperature: float) -> None:
+        """Per-token log-probs of the experiences `chunks` (collated: `mbs`) into attrs[0] from the real
+        images, and with a second attr into attrs[1] from the masked ones, in the same forward over
+        [real; masked] (the same tokens twice, only the pixels differ)."""
 
-        def on_logits(mb, logits):
-            logp = vocab_parallel_logprob(logits, mb.targets, self.tp_group, temperature, self.model_cfg.vocab_size)
+        def on_logits(mb, logits):  # logits: [len(attrs) * B, S, V/TP]
+            targets = mb.targets.repeat(len(attrs), 1)
+            logp = vocab_parallel_logprob(logits, targets, self.tp_group, temperature, self.model_cfg.vocab_size)
             return logp.sum() * 0.0, {"logp": logp.detach().cpu()}
 
         for m in model_chunks:
             m.eval()
-        outs = run_micro_batches(model_chunks, mbs, on_logits, forward_only=True, images="masked" if masked else "real")
+        outs = run_micro_batches(model_chunks, mbs, on_logits, forward_only=True,
+                                 images="both" if len(attrs) == 2 else "real")
         for m in model_chunks:
             m.train()
         if self.last_stage:
             for chunk, out in zip(chunks, outs):
-                for e, v in zip(chunk, split_response_values(out["logp"], chunk)):
-                    setattr(e, attr, v)
+                for attr, values in zip(attrs, out["logp"].chunk(len(attrs))):
+                    for e, v in zip(chunk, split_response_values(values, chunk)):
+                        setattr(e, attr, v)
 
     def update(self, exps: list[Experience]) -> dict:
         """PPO epochs over minibatches (one optimizer step each)."""

@@ -34,13 +34,13 @@ def add_position_ids(mb: MicroBatch, model_cfg) -> MicroBatch:
     return mb
 
 
-IMAGE_BRANCHES = ("real", "masked", "both")
+IMAGE_BRANCHES = ("real", "both")
 
 
 def model_inputs(mb: MicroBatch, images: str, image_token_id: int) -> tuple:
-    """(input_ids, position_ids, pixel_values, image_grid_thw, image_mask) for one branch of the micro-batch:
-    the real images, the masked ones, or "both" = the batch twice, [real; masked] (the exact PAPO
-    modes need both branches' full logits in one forward; logits then come as [2B, S, V/TP])."""
+    """(input_ids, position_ids, pixel_values, image_grid_thw, image_mask) of the micro-batch with its
+    real images, or "both" = the batch twice, [real; masked] (PAPO's masked branch: the same tokens,
+    the masked images; logits then come as [2B, S, V/TP])."""
     has_images = mb.image_grid_thw.numel() > 0
     image_mask = (mb.input_ids == image_token_id) & mb.prompt_mask  # generated image-pad ids stay tokens
     if images == "both":
@@ -48,9 +48,8 @@ def model_inputs(mb: MicroBatch, images: str, image_token_id: int) -> tuple:
         pixels = torch.cat([mb.pixel_values, mb.masked_pixel_values]) if has_images else None
         grid = torch.cat([mb.image_grid_thw, mb.image_grid_thw]) if has_images else None
         return ids, pos, pixels, grid, torch.cat([image_mask, image_mask])
-    pixels = mb.masked_pixel_values if images == "masked" else mb.pixel_values
-    return (mb.input_ids, mb.position_ids, pixels if has_images else None, mb.image_grid_thw if has_images else None,
-            image_mask)
+    return (mb.input_ids, mb.position_ids, mb.pixel_values if has_images else None,
+            mb.image_grid_thw if has_images else None, image_mask)
 
 
 def run_micro_batches(model_chunks: list[torch.nn.Module], micro_batches: list[MicroBatch],

@@ -197,6 +197,26 @@ def rotary_freqs(vision: VisionConfig, image_grid_thw: torch.Tensor) -> torch.Te
     return torch.cat([half, half], -1)
 
 
+# The local spec's boolean masks make every attention dense over all rows of a call, (rows)^2 work
+# of which only the block-diagonal part counts: its path runs the images in groups of at most this
+# many rows (an image with more goes alone). Images never attend to each other, so the values are
+# the same. Tiny flavor on CPU, 20 and 40 images of 64 rows: 512 rows ~2.5x faster than one call
+# (one image per call loses to the per-call overhead).
+LOCAL_GROUP_ROWS = 512
+
+
+def image_groups(image_grid_thw: torch.Tensor, max_rows: int) -> list[slice]:
+    """Consecutive images in groups of at most max_rows patch rows (an image with more goes alone)."""
+    groups, rows = [], 0
+    for i, n in enumerate(image_grid_thw.prod(-1).tolist()):
+        if groups and rows + n <= max_rows:
+            groups[-1], rows = slice(groups[-1].start, i + 1), rows + n
+        else:
+            groups.append(slice(i, i + 1))
+            rows = n
+    return groups
+
+
 def attention_spans(lengths: tuple[torch.Tensor, torch.Tensor], use_te: bool, device: torch.device):
     """The one place that chooses how block-diagonal attention reaches the kernel.
 
@@ -266,6 +286,14 @@ class Qwen2_5_VisionModel(MegatronModule):
 
     def forward(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
         check_vision_inputs(self.vision, pixel_values, image_grid_thw)
+        if self.use_te:  # THD kernels: linear in the rows
+            return self._forward(pixel_values, image_grid_thw)
+        groups = image_groups(image_grid_thw, LOCAL_GROUP_ROWS)
+        rows = image_grid_thw.prod(-1).tolist()
+        pieces = pixel_values.split([sum(rows[g]) for g in groups])
+        return torch.cat([self._forward(p, image_grid_thw[g]) for p, g in zip(pieces, groups)])
+
+    def _forward(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
         unit = self.vision.spatial_merge_size**2
         order, window_lengths = window_order(self.vision, image_grid_thw)
         order = order.to(pixel_values.device)
