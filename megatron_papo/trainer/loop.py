@@ -375,13 +375,14 @@ class Trainer:
     def _save(self) -> None:
         train_state = dataclasses.asdict(self.state) | {"data": self.data.state_dict()}
         ckpt.save_checkpoint(self.cfg.checkpoint, self.state.step, self.models.checkpoint_modules(),
-                             self.optimizer, self.scheduler, train_state, run_config=self.cfg,
+                             self.optimizer, self.scheduler, train_state, self.ctx, run_config=self.cfg,
                              write_extras=self.models.write_model_files)
 
     def _load(self, path: Path) -> None:
         if self.rank == 0:
             print(f"resuming from {path}", flush=True)
-        train_state = ckpt.load_checkpoint(path, self.models.checkpoint_modules(), self.optimizer, self.scheduler)
+        train_state = ckpt.load_checkpoint(path, self.models.checkpoint_modules(), self.optimizer, self.scheduler,
+                                           self.ctx)
         self.data.load_state_dict(train_state.pop("data"))
         self.state = ckpt.RunState(**{k: v for k, v in train_state.items() if k in ckpt.RunState.__dataclass_fields__})
 
