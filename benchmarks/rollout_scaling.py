@@ -35,8 +35,9 @@ def worker(args) -> None:
     from rollout_common import random_image
     from weight_sync import PeakRSS, bench_flavor
 
-    from megatron_papo.models.qwen2_5_vl.checkpoint_io import HFReader, load_hf_weights, param_rules
+    from megatron_papo.models.qwen2_5_vl.hf_io import HFReader, load_hf_weights
     from megatron_papo.models.qwen2_5_vl.model import ModelParallelOptions, build_model
+    from megatron_papo.models.qwen2_5_vl.param_binding import hf_param_rules
     from megatron_papo.parallel import ParallelContext, destroy_model_parallel, initialize_model_parallel
     from megatron_papo.rollout.engine import RolloutRequest, SamplingConfig
     from megatron_papo.rollout.reshard import ReshardPlan
@@ -77,7 +78,7 @@ def worker(args) -> None:
                 dist.barrier()
                 with PeakRSS() as mem:
                     start = time.perf_counter()
-                    stats = sync.sync(param_rules(model), target)
+                    stats = sync.sync(hf_param_rules(model), target)
                     dist.barrier()
                     seconds = time.perf_counter() - start
                 if best is None or seconds < best[0]:
@@ -86,7 +87,7 @@ def worker(args) -> None:
             dist.all_gather_object(peaks, best)
             result[label] = {"sync_s": max(p[0] for p in peaks), "peak_extra_mb": max(p[1] for p in peaks),
                              "bytes_per_rollout_rank": max(p[2] for p in peaks)}
-        rules = param_rules(model)
+        rules = hf_param_rules(model)
         plan = ReshardPlan([r for _, _, r in rules], {r.megatron: tuple(p.shape) for _, p, r in rules}, cfg,
                            train_tp=world, rollout_tp=2, element_size=4)
         result["sliced_bytes_per_rollout_rank"] = max(plan.bytes_received(j) for j in range(2))

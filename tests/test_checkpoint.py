@@ -141,7 +141,7 @@ def _tensors(step_dir) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
     from torch.distributed.checkpoint.state_dict_loader import load
 
-    from megatron_papo.models.qwen2_5_vl.checkpoint_io import _SlicePlanner
+    from megatron_papo.models.qwen2_5_vl.dist_io import _SlicePlanner
 
     entries = FileSystemReader(str(step_dir)).read_metadata().state_dict_metadata
     requests = {k: (k, (0,) * len(m.size), torch.empty(m.size, dtype=m.properties.dtype))

@@ -41,6 +41,7 @@ import torch.distributed as dist
 import yaml
 
 from megatron_papo.config import dump_yaml
+from megatron_papo.folders import write_text_atomic
 from megatron_papo.lifetime import exit_when_process_ends, this_process
 from megatron_papo.parallel.context import ParallelContext
 
@@ -244,7 +245,7 @@ def save_checkpoint(cfg: CheckpointConfig, step: int, modules: dict, optimizer, 
         if final.exists():  # a re-save of the same step (e.g. signal right after a periodic save)
             _delete(final)
         os.replace(tmp, final)
-        _write_atomic(root / "latest", f"{step}\n")
+        write_text_atomic(root / "latest", f"{step}\n")
         _prune(root, cfg.keep_last)
     dist.barrier()
     return final
@@ -255,7 +256,7 @@ def load_checkpoint(path: Path, modules: dict, optimizer, scheduler, ctx: Parall
     states, and returns the saved train_state. Unpickles nothing from the checkpoint."""
     from megatron.core import dist_checkpointing
 
-    from megatron_papo.models.qwen2_5_vl.checkpoint_io import weights_only_common_load
+    from megatron_papo.models.qwen2_5_vl.dist_io import weights_only_common_load
 
     train_state = read_train_state(path)
     _check_no_pickles(path)
@@ -379,7 +380,7 @@ def _check_no_pickles(path: Path) -> None:
     a checkpoint that holds pickled objects (megatron-core would unpickle them)."""
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
-    from megatron_papo.models.qwen2_5_vl.checkpoint_io import read_dist_metadata
+    from megatron_papo.models.qwen2_5_vl.dist_io import read_dist_metadata
 
     try:
         entries = read_dist_metadata(path).state_dict_metadata
@@ -389,15 +390,6 @@ def _check_no_pickles(path: Path) -> None:
     if objects:
         raise CheckpointError(f"{path} holds pickled objects ({', '.join(objects[:3])}"
                               f"{', ...' if len(objects) > 3 else ''}), which run code when loaded: not loaded")
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _prune(root: Path, keep_last: int) -> None:
