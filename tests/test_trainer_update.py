@@ -55,7 +55,8 @@ if mode == "loss":
         return None if getattr(exps[0], attr) is None else torch.cat([getattr(e, attr) for e in exps])[None]
     adv = torch.cat([torch.full((len(e.response_ids),), e.advantage) for e in exps])[None]
     old = tokens("old_logp")
-    _, ref = papo_loss(old, old, tokens("ref_logp"), tokens("masked_logp"), adv, torch.ones_like(adv), cfg.algo)
+    _, ref = papo_loss(cfg.algo, logp=old, old_logp=old, ref_logp=tokens("ref_logp"),
+                       masked_logp=tokens("masked_logp"), advantages=adv, response_mask=torch.ones_like(adv))
     print("METRICS", json.dumps({"trainer": t.update(exps), "reference": {k: float(v) for k, v in ref.items()}}))
 else:
     before = [e.old_logp.sum().item() for e in exps]

@@ -288,15 +288,18 @@ class Trainer:
         def on_logits(mb, logits):
             if exact:
                 real, masked = logits.chunk(2, dim=0) if both else (logits, None)
-                loss, m = papo_loss_from_logits(
-                    real, mb.targets, mb.old_logp, mb.ref_logp, mb.advantages, mb.response_mask, algo, self.tp_group,
-                    masked_logits=masked, masked_logp=mb.masked_logp, temperature=cfg.rollout.temperature,
-                    valid_vocab_size=self.model_cfg.vocab_size, global_token_count=global_tokens)
+                loss, m = papo_loss_from_logits(algo, self.tp_group, logits=real, target=mb.targets,
+                                                old_logp=mb.old_logp, ref_logp=mb.ref_logp, advantages=mb.advantages,
+                                                response_mask=mb.response_mask, masked_logits=masked,
+                                                masked_logp=mb.masked_logp, temperature=cfg.rollout.temperature,
+                                                valid_vocab_size=self.model_cfg.vocab_size,
+                                                global_token_count=global_tokens)
             else:
                 logp = vocab_parallel_logprob(logits, mb.targets, self.tp_group, cfg.rollout.temperature,
                                               self.model_cfg.vocab_size)
-                loss, m = papo_loss(logp, mb.old_logp, mb.ref_logp, mb.masked_logp, mb.advantages, mb.response_mask,
-                                    algo, global_token_count=global_tokens)
+                loss, m = papo_loss(algo, logp=logp, old_logp=mb.old_logp, ref_logp=mb.ref_logp,
+                                    masked_logp=mb.masked_logp, advantages=mb.advantages,
+                                    response_mask=mb.response_mask, global_token_count=global_tokens)
             metrics = {k: float(v) for k, v in m.items()}
             if global_tokens is not None:  # report means over the step's tokens, not over micro-batches
                 share = float(mb.response_mask.sum()) / global_tokens  # (the loss already is a sum / global_tokens)
