@@ -47,7 +47,7 @@ for g, s in enumerate(t.data.next_batch(2)):
     for k, adv in enumerate(advantages):  # same prompt, two different responses
         resp = t.processor.tokenizer(f"<think>{g}{k}</think> \\boxed{{{k}}}", add_special_tokens=False)["input_ids"]
         exps.append(Experience(sample_id=s.sample_id, group=g, prompt_ids=enc.input_ids.tolist(), response_ids=resp,
-                               pixel_values=enc.pixel_values, masked_pixel_values=enc.pixel_values_masked,
+                               pixel_values=enc.pixel_values, masked_pixel_values=enc.masked_pixel_values,
                                image_grid_thw=enc.image_grid_thw, rollout_logp=[0.0] * len(resp), advantage=adv))
 t.compute_logprobs(exps)
 if mode == "loss":

@@ -16,7 +16,7 @@ from megatron_papo.folders import write_text_atomic
 # Keys shown on the one-line summary, in this order, with their short names.
 CONSOLE_KEYS = [
     ("reward", "reward"), ("accuracy", "acc"), ("kl_prcp", "kl_prcp"), ("entropy", "ent"),
-    ("masked_entropy", "ent_mask"), ("clipfrac_low", "clip_lo"), ("clipfrac_high", "clip_hi"),
+    ("masked_entropy", "ent_masked"), ("clipfrac_low", "clip_lo"), ("clipfrac_high", "clip_hi"),
     ("ref_kl", "ref_kl"), ("grad_norm", "gnorm"), ("response_len", "len"), ("tokens_per_s", "tok/s"),
 ]
 # Curves plotted at the end of a run (one panel each, when present).

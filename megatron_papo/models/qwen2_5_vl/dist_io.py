@@ -25,15 +25,15 @@ LAYOUT_FILE = "megatron_papo_layout.json"  # written next to a dist checkpoint: 
 
 def write_checkpoint_metadata(model, folder: str | Path) -> None:
     """config.json (+ dtype) and the layout file next to a checkpoint of `model`: what tools need to read it."""
-    write_layout_files(folder, model.hf_config.to_hf_dict(), tp=model.opts.tp, pp=model.opts.pp,
+    write_layout_files(folder, model.model_cfg.to_hf_dict(), tp=model.opts.tp, pp=model.opts.pp,
                        padded_vocab_size=model.padded_vocab_size, dtype=model.opts.params_dtype)
 
 
-def write_layout_files(folder: str | Path, hf_config: dict, tp: int, pp: int, padded_vocab_size: int,
+def write_layout_files(folder: str | Path, config_json: dict, tp: int, pp: int, padded_vocab_size: int,
                        dtype: torch.dtype) -> None:
-    """config.json (`hf_config` + dtype) and the layout file (tp, pp, padded vocab, dtype)."""
+    """config.json (`config_json`, HF's dict, + dtype) and the layout file (tp, pp, padded vocab, dtype)."""
     dtype = str(dtype).removeprefix("torch.")
-    hf = dict(hf_config)
+    hf = dict(config_json)
     hf.setdefault("torch_dtype", dtype)
     hf.setdefault("dtype", dtype)
     write_text_atomic(Path(folder) / HF_CONFIG, json.dumps(hf, indent=2))

@@ -104,7 +104,7 @@ def load_hf_weights(model, reader: HFReader, show_progress: bool = False) -> Non
     if show_progress:
         items = Progress(items, desc=f"load tp{tp_rank}", unit="tensors")
     for name, param, rule in items:
-        full = hf_mapping.to_megatron(rule, [reader.get(h) for h in rule.hf], model.hf_config)
+        full = hf_mapping.to_megatron(rule, [reader.get(h) for h in rule.hf], model.model_cfg)
         local = hf_mapping.shard(rule, full, tp_rank, tp_size, model.padded_vocab_size)
         if local.shape != param.shape:
             raise ValueError(f"{name}: HF {rule.hf} give shard {tuple(local.shape)}, parameter is {tuple(param.shape)}")
@@ -124,7 +124,7 @@ def gather_hf_tensors(model, grads: bool = False) -> dict[str, torch.Tensor]:
             raise ValueError(f"{name} has no grad")
         shards = [torch.empty_like(local) for _ in range(tp_size)]
         dist.all_gather(shards, local.contiguous(), group=tp_group)
-        out.update(zip(rule.hf, hf_mapping.shards_to_hf(rule, shards, model.hf_config)))
+        out.update(zip(rule.hf, hf_mapping.shards_to_hf(rule, shards, model.model_cfg)))
     return out
 
 

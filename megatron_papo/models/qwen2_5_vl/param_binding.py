@@ -21,7 +21,7 @@ ParamRule = tuple[str, torch.nn.Parameter, Rule]  # (stage-local name, parameter
 def is_tied_output_copy(model, local_name: str) -> bool:
     """The last stage's copy of the tied embedding (megatron builds no output layer weight on a stage
     that holds the embedding itself)."""
-    return model.hf_config.tie_word_embeddings and local_name == hf_mapping.OUTPUT_LAYER
+    return model.model_cfg.tie_word_embeddings and local_name == hf_mapping.OUTPUT_LAYER
 
 
 def global_name(model, local_name: str) -> str:
@@ -37,7 +37,7 @@ def global_name(model, local_name: str) -> str:
 
 def param_rules(model) -> list[ParamRule]:
     """Every parameter of this stage with its rule (what loading fills); errors on unmapped ones."""
-    rules = {r.megatron: r for r in hf_mapping.all_rules(model.hf_config, with_vision=model.vision_model is not None)}
+    rules = {r.megatron: r for r in hf_mapping.all_rules(model.model_cfg, with_vision=model.vision_model is not None)}
     if model.use_te:
         rules = {hf_mapping.te_name(k): r for k, r in rules.items()}
     out = []
