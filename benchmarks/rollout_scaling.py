@@ -25,14 +25,12 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests" / "dist"))
+sys.path.insert(0, str(REPO))  # run from a checkout: the package and tests' helpers
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 
 def worker(args) -> None:
     import torch.distributed as dist
-    from rollout_common import random_image
     from weight_sync import PeakRSS, bench_flavor
 
     from megatron_papo.models.qwen2_5_vl.hf_io import HFReader, load_hf_weights
@@ -43,6 +41,7 @@ def worker(args) -> None:
     from megatron_papo.rollout.reshard import ReshardPlan
     from megatron_papo.rollout.vllm_engine import VLLMEngine, VLLMEngineConfig, vllm_load_group
     from megatron_papo.rollout.weight_sync import SyncGroups, WeightSync, WeightSyncConfig
+    from tests.dist.rollout_common import random_image
 
     world = int(os.environ.get("WORLD_SIZE", 1))
     initialize_model_parallel(tp=world, pp=1, seed=1)
@@ -107,8 +106,7 @@ def launch(args, nproc: int, rollout_tp: int, out: Path) -> dict:
     if nproc == 1:
         cmd = [sys.executable, *job]
     else:
-        sys.path.insert(0, str(REPO / "tests"))
-        from distributed import free_port
+        from tests.distributed import free_port
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",
                "127.0.0.1", "--master-port", str(free_port()), *job]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
@@ -132,8 +130,9 @@ def main():
     if args.worker:
         worker(args)
         return
-    from rollout_common import build_tiny_hf_folder
     from weight_sync import bench_flavor
+
+    from tests.dist.rollout_common import build_tiny_hf_folder
 
     work = Path(args.workdir)
     args.folder = work / "model"

@@ -17,8 +17,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).parent))
-
 TOL = 1e-4
 BUCKET_MB = 0.05  # small: many buckets, groups at bucket edges; the bucket rises to the largest group (the embedding)
 
@@ -51,7 +49,7 @@ def response_logprobs(logits, samples):
 
 def main(engine_dir, train_dir, train_tp, train_pp, rollout_tp, out_json):
     import transformers
-    from rollout_common import random_image
+    from tests.dist.rollout_common import random_image
 
     from megatron_papo.models.qwen2_5_vl import parity
     from megatron_papo.models.qwen2_5_vl.hf_io import HFReader, load_hf_weights, read_hf_config
