@@ -14,7 +14,6 @@ from typing import Iterable
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -99,7 +98,8 @@ _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.
 @torch.no_grad()
 def load_hf_weights(model, reader: HFReader, show_progress: bool = False) -> None:
     """Fill this rank's parameters from an HF folder, one HF tensor group at a time."""
-    tp_rank, tp_size = parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_tensor_model_parallel_world_size()
+    tp_group = model.pg_collection.tp  # the model's own process groups, not megatron's globals
+    tp_rank, tp_size = dist.get_rank(tp_group), dist.get_world_size(tp_group)
     items = param_rules(model)
     if show_progress:
         items = Progress(items, desc=f"load tp{tp_rank}", unit="tensors")
@@ -114,7 +114,7 @@ def load_hf_weights(model, reader: HFReader, show_progress: bool = False) -> Non
 def gather_hf_tensors(model, grads: bool = False) -> dict[str, torch.Tensor]:
     """This stage's parameters (or their grads) as full HF hub-layout tensors (TP all-gathered); a
     tied output copy is none (param_binding)."""
-    tp_group = parallel_state.get_tensor_model_parallel_group()
+    tp_group = model.pg_collection.tp
     tp_size = dist.get_world_size(tp_group)
     out = {}
     for name, param, rule in hf_param_rules(model):
