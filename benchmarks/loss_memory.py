@@ -70,7 +70,8 @@ def _inputs(tokens, vocab, rank):
 
 
 def _ours(logits, masked, target, old, ref, adv, mask, cfg, group):
-    loss, _ = papo_loss_from_logits(logits, target, old, ref, adv, mask, cfg, group, masked_logits=masked)
+    loss, _ = papo_loss_from_logits(cfg, group, logits=logits, target=target, old_logp=old, ref_logp=ref,
+                                    advantages=adv, response_mask=mask, masked_logits=masked)
     loss.backward()
 
 

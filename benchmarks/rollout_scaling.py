@@ -25,23 +25,23 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests" / "dist"))
+sys.path.insert(0, str(REPO))  # run from a checkout: the package and tests' helpers
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 
 def worker(args) -> None:
     import torch.distributed as dist
-    from rollout_common import random_image
     from weight_sync import PeakRSS, bench_flavor
 
-    from megatron_papo.models.qwen2_5_vl.checkpoint_io import HFReader, load_hf_weights, param_rules
+    from megatron_papo.models.qwen2_5_vl.hf_io import HFReader, load_hf_weights
     from megatron_papo.models.qwen2_5_vl.model import ModelParallelOptions, build_model
+    from megatron_papo.models.qwen2_5_vl.param_binding import hf_param_rules
     from megatron_papo.parallel import ParallelContext, destroy_model_parallel, initialize_model_parallel
     from megatron_papo.rollout.engine import RolloutRequest, SamplingConfig
     from megatron_papo.rollout.reshard import ReshardPlan
     from megatron_papo.rollout.vllm_engine import VLLMEngine, VLLMEngineConfig, vllm_load_group
     from megatron_papo.rollout.weight_sync import SyncGroups, WeightSync, WeightSyncConfig
+    from tests.dist.rollout_common import random_image
 
     world = int(os.environ.get("WORLD_SIZE", 1))
     initialize_model_parallel(tp=world, pp=1, seed=1)
@@ -77,7 +77,7 @@ def worker(args) -> None:
                 dist.barrier()
                 with PeakRSS() as mem:
                     start = time.perf_counter()
-                    stats = sync.sync(param_rules(model), target)
+                    stats = sync.sync(hf_param_rules(model), target)
                     dist.barrier()
                     seconds = time.perf_counter() - start
                 if best is None or seconds < best[0]:
@@ -86,7 +86,7 @@ def worker(args) -> None:
             dist.all_gather_object(peaks, best)
             result[label] = {"sync_s": max(p[0] for p in peaks), "peak_extra_mb": max(p[1] for p in peaks),
                              "bytes_per_rollout_rank": max(p[2] for p in peaks)}
-        rules = param_rules(model)
+        rules = hf_param_rules(model)
         plan = ReshardPlan([r for _, _, r in rules], {r.megatron: tuple(p.shape) for _, p, r in rules}, cfg,
                            train_tp=world, rollout_tp=2, element_size=4)
         result["sliced_bytes_per_rollout_rank"] = max(plan.bytes_received(j) for j in range(2))
@@ -106,8 +106,7 @@ def launch(args, nproc: int, rollout_tp: int, out: Path) -> dict:
     if nproc == 1:
         cmd = [sys.executable, *job]
     else:
-        sys.path.insert(0, str(REPO / "tests"))
-        from distributed import free_port
+        from tests.distributed import free_port
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",
                "127.0.0.1", "--master-port", str(free_port()), *job]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
@@ -131,8 +130,9 @@ def main():
     if args.worker:
         worker(args)
         return
-    from rollout_common import build_tiny_hf_folder
     from weight_sync import bench_flavor
+
+    from tests.dist.rollout_common import build_tiny_hf_folder
 
     work = Path(args.workdir)
     args.folder = work / "model"

@@ -41,7 +41,7 @@ def fixed_experiences(trainer, prompts: int, seed: int = 0):
             reward = float(torch.rand((), generator=gen) < 0.5)
             exps.append(Experience(sample_id=sample.sample_id, group=g, prompt_ids=enc.input_ids.tolist(),
                                    response_ids=response, pixel_values=enc.pixel_values,
-                                   masked_pixel_values=enc.pixel_values_masked, image_grid_thw=enc.image_grid_thw,
+                                   masked_pixel_values=enc.masked_pixel_values, image_grid_thw=enc.image_grid_thw,
                                    rollout_logp=[0.0] * len(response), reward=reward, accuracy=reward))
     for e, a in zip(exps, grpo_advantages(torch.tensor([e.reward for e in exps]), n).tolist()):
         e.advantage = a

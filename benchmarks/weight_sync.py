@@ -30,8 +30,7 @@ import torch
 import torch.distributed as dist
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests" / "dist"))  # the offline HF-folder builder used by the tests
+sys.path.insert(0, str(REPO))  # run from a checkout: the package and tests/dist's offline HF-folder builder
 
 
 def bench_flavor():
@@ -99,21 +98,15 @@ def main():
     args = parser.parse_args()
     buckets = [float(b) for b in args.buckets.split(",")]
 
-    from rollout_common import build_tiny_hf_folder, random_image
-
     from megatron_papo.models.qwen2_5_vl import parity
-    from megatron_papo.models.qwen2_5_vl.checkpoint_io import (
-        HFReader,
-        gather_hf_tensors,
-        load_hf_weights,
-        param_rules,
-        write_hf_folder,
-    )
+    from megatron_papo.models.qwen2_5_vl.hf_io import HFReader, gather_hf_tensors, load_hf_weights, write_hf_folder
     from megatron_papo.models.qwen2_5_vl.model import ModelParallelOptions, build_model
+    from megatron_papo.models.qwen2_5_vl.param_binding import hf_param_rules
     from megatron_papo.parallel import ParallelContext, destroy_model_parallel, initialize_model_parallel
     from megatron_papo.rollout.engine import RolloutRequest, SamplingConfig
     from megatron_papo.rollout.vllm_engine import vllm_load_group
     from megatron_papo.rollout.weight_sync import SyncGroups, WeightSync, WeightSyncConfig
+    from tests.dist.rollout_common import build_tiny_hf_folder, random_image
 
     initialize_model_parallel(tp=2, pp=1, seed=1)
     rank = dist.get_rank()
@@ -170,7 +163,7 @@ def main():
     def restore_init_weights():
         engine.load_weights_from_folder(str(init_dir))
 
-    routes = {**{b: (lambda s=s: s.sync(param_rules(model), engine)) for b, s in syncers.items()}, "disk": disk_roundtrip}
+    routes = {**{b: (lambda s=s: s.sync(hf_param_rules(model), engine)) for b, s in syncers.items()}, "disk": disk_roundtrip}
     best, logprobs = {}, {"init": probe_logprobs()}
     for _ in range(args.repeats):  # interleaved: every route once per round
         for route, fn in routes.items():

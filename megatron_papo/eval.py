@@ -34,12 +34,8 @@ def hf_folder_for(ckpt: Path, workdir: Path) -> Path:
     """An HF folder vLLM can load: `ckpt` itself, or a conversion of the Megatron checkpoint."""
     if any(ckpt.glob("*.safetensors")):
         return ckpt
-    from megatron_papo.models.qwen2_5_vl.checkpoint_io import (
-        copy_model_files,
-        iter_dist_checkpoint_as_hf,
-        read_hf_config,
-        write_hf_folder,
-    )
+    from megatron_papo.models.qwen2_5_vl.dist_io import iter_dist_checkpoint_as_hf
+    from megatron_papo.models.qwen2_5_vl.hf_io import copy_model_files, read_hf_config, write_hf_folder
 
     cfg = read_hf_config(ckpt)
     out = workdir / "hf"
@@ -137,7 +133,7 @@ class Evaluator:
         self.processor = VLProcessor.from_config(ProcessorConfig(
             tokenizer_path=str(folder), min_pixels=min_pixels or trained.get("shortest_edge", defaults.min_pixels),
             max_pixels=max_pixels or trained.get("longest_edge", defaults.max_pixels)))
-        from megatron_papo.models.qwen2_5_vl.checkpoint_io import read_hf_config
+        from megatron_papo.models.qwen2_5_vl.hf_io import read_hf_config
 
         self.config = json.loads((folder / "config.json").read_text())
         # flat, or nested under text_config as transformers 5 saves it

@@ -4,7 +4,8 @@
 that is, contains or sits inside an input folder (always: writing it would delete the input).
 Writers fill the folder `staged_folder` gives, next to --out, which is renamed to --out at the end:
 a conversion that fails leaves --out as it was, and one killed half-way leaves at most a hidden
-`.<name>.partial-*` folder, never a half-written folder under the final name.
+`.<name>.partial-*` folder, never a half-written folder under the final name. Single files the same
+way: `write_text_atomic`.
 """
 from __future__ import annotations
 
@@ -51,3 +52,14 @@ def staged_folder(out: Path):
     if out.is_dir() and any(out.iterdir()):
         shutil.rmtree(out)
     os.replace(staging, out)  # onto a missing or empty folder: one atomic rename
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `path` next to its name (`<name>.tmp`), flushed to disk, then renamed onto it: a reader
+    (or a kill) sees the old file or the new one, never part of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -48,6 +48,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from megatron_papo.folders import write_text_atomic
+
 REPO = Path(__file__).resolve().parent.parent
 SCENARIOS = {"default": ("grpo", "papo_g", "papo_h"), "collapse": ("grpo", "papo_g", "papo_h")}
 COLLAPSE_GAMMA = 0.2          # 10x the published gamma
@@ -251,9 +253,7 @@ def evaluate_all(args, items: list[tuple[Run, Path]]) -> dict[tuple[int, str], d
             real = evaluator.run(samples, args.k, temperature, top_p)
             masked = evaluator.run(samples, args.k, temperature, top_p, mask=mask)
             entry = {"key": key, "real": real.rows, "masked": masked.rows}
-            tmp = f.with_suffix(".json.tmp")
-            tmp.write_text(json.dumps(entry))
-            os.replace(tmp, f)
+            write_text_atomic(f, json.dumps(entry))
             results[(run.seed, run.label)] = entry
     finally:
         evaluator.close()

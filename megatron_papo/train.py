@@ -101,7 +101,7 @@ def check_layout(cfg) -> None:
         raise ValueError(f"the job's {world} ranks are not divisible by parallel.tp * parallel.pp = {p.tp} * {p.pp}")
     m = model_config(cfg)
     if cfg.model.hf_dir:
-        from megatron_papo.models.qwen2_5_vl.checkpoint_io import HFReader
+        from megatron_papo.models.qwen2_5_vl.hf_io import HFReader
 
         HFReader(cfg.model.hf_dir)  # a missing or truncated safetensors shard, named before any rank loads it
     check_rollout_tp(cfg.rollout.tp, world, ranks_per_host(), {

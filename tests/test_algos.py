@@ -62,7 +62,8 @@ PAPO_H = dict(gamma=0.02, eta1=0.05, eta2=0.05, beta=0.01, clip_low=0.2, clip_hi
 def test_reference_loss_matches_hand_computation_values_grads_and_clip_metrics():
     logp, old, ref, msk, adv, mask = tensors()
     logp.requires_grad_()
-    loss, metrics = papo_loss(logp, old, ref, msk, adv, mask, PAPOConfig(**PAPO_H))
+    loss, metrics = papo_loss(PAPOConfig(**PAPO_H), logp=logp, old_logp=old, ref_logp=ref, masked_logp=msk,
+                              advantages=adv, response_mask=mask)
     expected = hand_loss(logp.tolist(), PAPO_H)
     assert loss.item() == pytest.approx(expected, rel=1e-12)
     # gradient: central finite differences of the hand formula
@@ -91,7 +92,7 @@ def test_policy_gradient_is_zero_exactly_where_clipped():
     logp, old, ref, msk, adv, mask = tensors()
     logp.requires_grad_()
     cfg = PAPOConfig(gamma=0.0, eta1=0.0, eta2=0.0, beta=0.0)
-    papo_loss(logp, old, None, None, adv, mask, cfg)[0].backward()
+    papo_loss(cfg, logp=logp, old_logp=old, advantages=adv, response_mask=mask)[0].backward()
     clipped = torch.tensor([[1, 0, 0, 1], [1, 1, 0, 0]], dtype=torch.bool)  # high, pad / low, dual
     assert (logp.grad[clipped] == 0).all()
     # unclipped: d(-A r)/dlogp / 7 = -A r / 7
@@ -120,25 +121,29 @@ def test_preset_values_and_loss_terms(name):
         assert (cfg.dynamic_sampling_low, cfg.dynamic_sampling_high) == (0.01, 0.99)
     logp, old, ref, msk, adv, mask = tensors()
     # terms a preset does not use must not be needed: pass None for them
-    loss, metrics = papo_loss(logp, old, ref if beta else None, msk if gamma or eta else None, adv, mask, cfg)
+    loss, metrics = papo_loss(cfg, logp=logp, old_logp=old, ref_logp=ref if beta else None,
+                              masked_logp=msk if gamma or eta else None, advantages=adv, response_mask=mask)
     coef = dict(gamma=gamma, eta1=eta, eta2=eta, beta=beta, clip_low=clip_low, clip_high=clip_high)
     assert loss.item() == pytest.approx(hand_loss(logp.tolist(), coef), rel=1e-12)
     assert ("ref_kl" in metrics) == (beta > 0)
     # and no hidden term: adding the inputs of unused terms does not change the loss
-    loss_all, _ = papo_loss(logp, old, ref, msk, adv, mask, cfg)
+    loss_all, _ = papo_loss(cfg, logp=logp, old_logp=old, ref_logp=ref, masked_logp=msk, advantages=adv,
+                            response_mask=mask)
     assert loss_all.item() == pytest.approx(loss.item(), rel=1e-12)
 
 
 def test_missing_inputs_and_bad_config_are_clear_errors():
     logp, old, ref, msk, adv, mask = tensors()
     with pytest.raises(ValueError, match="ref_logp"):
-        papo_loss(logp, old, None, msk, adv, mask, load_preset("grpo"))
+        papo_loss(load_preset("grpo"), logp=logp, old_logp=old, masked_logp=msk, advantages=adv, response_mask=mask)
     with pytest.raises(ValueError, match="masked_logp"):
-        papo_loss(logp, old, ref, None, adv, mask, load_preset("papo_g"))
+        papo_loss(load_preset("papo_g"), logp=logp, old_logp=old, ref_logp=ref, advantages=adv, response_mask=mask)
     with pytest.raises(ValueError, match="papo_loss_from_logits"):
-        papo_loss(logp, old, ref, msk, adv, mask, load_preset("papo_g", perception_mode="exact"))
+        papo_loss(load_preset("papo_g", perception_mode="exact"), logp=logp, old_logp=old, ref_logp=ref,
+                  masked_logp=msk, advantages=adv, response_mask=mask)
     with pytest.raises(ValueError, match="response_mask shape"):
-        papo_loss(logp, old, ref, msk, adv, mask[:, :3], load_preset("grpo"))
+        papo_loss(load_preset("grpo"), logp=logp, old_logp=old, ref_logp=ref, masked_logp=msk, advantages=adv,
+                  response_mask=mask[:, :3])
     with pytest.raises(ValueError, match="valid presets: .*papo_d"):
         load_preset("papo_x")
     with pytest.raises(ValueError, match="unknown PAPOConfig keys \\['gama'\\].*valid keys"):
@@ -263,8 +268,9 @@ def test_exact_loss_from_logits_matches_plain_torch(masked_branch_grad):
     mask = torch.ones(B, T)
     mask[2, 3:] = 0
     cfg = load_preset("papo_h", perception_mode="exact", entropy_mode="exact", masked_branch_grad=masked_branch_grad)
-    loss, metrics = papo_loss_from_logits(logits, target, old, ref, adv, mask, cfg, None, masked_logits=masked,
-                                          temperature=0.9, chunk_size=4)
+    loss, metrics = papo_loss_from_logits(cfg, None, logits=logits, target=target, old_logp=old, ref_logp=ref,
+                                          advantages=adv, response_mask=mask, masked_logits=masked, temperature=0.9,
+                                          chunk_size=4)
     loss.backward()
     ref_logits = logits.detach().double().requires_grad_()
     ref_masked = masked.detach().double().requires_grad_(masked_branch_grad)
@@ -287,9 +293,21 @@ def test_reference_mode_from_logits_equals_papo_loss():
     target = torch.randint(0, V, (B, T), generator=g)
     logp, old, ref, msk, adv, mask = (x.float() for x in tensors())
     cfg = load_preset("papo_h")
-    loss, _ = papo_loss_from_logits(logits, target, old, ref, adv, mask, cfg, None, masked_logp=msk)
+    loss, _ = papo_loss_from_logits(cfg, None, logits=logits, target=target, old_logp=old, ref_logp=ref,
+                                    advantages=adv, response_mask=mask, masked_logp=msk)
     logp = torch.log_softmax(logits.detach(), -1).gather(-1, target.unsqueeze(-1)).squeeze(-1)
-    expected, _ = papo_loss(logp, old, ref, msk, adv, mask, cfg)
+    expected, _ = papo_loss(cfg, logp=logp, old_logp=old, ref_logp=ref, masked_logp=msk, advantages=adv,
+                            response_mask=mask)
     torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="masked_logp"):
-        papo_loss_from_logits(logits, target, old, ref, adv, mask, cfg, None)
+        papo_loss_from_logits(cfg, None, logits=logits, target=target, old_logp=old, ref_logp=ref, advantages=adv,
+                              response_mask=mask)
+
+
+def test_loss_tensors_are_keyword_only():
+    """Both entry points take their tensors by name: a positional call (in either one's old order) fails."""
+    logp, old, ref, msk, adv, mask = tensors()
+    with pytest.raises(TypeError):
+        papo_loss(load_preset("papo_h"), logp, old, ref, msk, adv, mask)
+    with pytest.raises(TypeError):
+        papo_loss_from_logits(load_preset("papo_h"), None, logp[..., None], old.long(), old, ref, adv, mask)

@@ -6,7 +6,8 @@
   layout change (TP1 -> TP2) resumes with weights and Adam moments resharded;
 - a fresh run never mixes with another run in its folders: it is refused, or moves that run aside;
 - a kill while old checkpoints are deleted leaves nothing behind, and a resume with nothing left to
-  do says so and exits before building the rollout engine.
+  do says so and exits before building the rollout engine;
+- megatron-core's private writer-queue global, which trainer.checkpoint sets, is still there and used.
 """
 import json
 import os
@@ -140,7 +141,7 @@ def _tensors(step_dir) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
     from torch.distributed.checkpoint.state_dict_loader import load
 
-    from megatron_papo.models.qwen2_5_vl.checkpoint_io import _SlicePlanner
+    from megatron_papo.models.qwen2_5_vl.dist_io import _SlicePlanner
 
     entries = FileSystemReader(str(step_dir)).read_metadata().state_dict_metadata
     requests = {k: (k, (0,) * len(m.size), torch.empty(m.size, dtype=m.properties.dtype))
@@ -262,3 +263,25 @@ def test_resume_with_nothing_left_to_do_exits_before_the_engine(tmp_path):
     assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
     assert "nothing to do: checkpoint at step 1 >= steps=1" in run.stdout, (run.stdout + run.stderr)[-4000:]
     assert not (tmp_path / "rollout_model").exists(), "the rollout engine was built"
+
+
+def test_megatron_core_writer_queue_is_the_global_we_set(monkeypatch):
+    """trainer.checkpoint sets megatron-core's private `filesystem_async._results_queue` (its manager
+    would outlive a SIGKILLed trainer otherwise). A megatron-core that renames that global, or stops
+    writing through it, fails here instead of silently orphaning ~300 MB managers again."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    from megatron_papo.trainer import checkpoint
+
+    assert hasattr(filesystem_async, "_results_queue"), "megatron-core renamed its checkpoint writer queue"
+    monkeypatch.setattr(filesystem_async, "_results_queue", None)  # as at the first save
+    manager = checkpoint._start_writer_queue_bound_to_this_process()
+    try:
+        assert manager is not None and filesystem_async._results_queue is not None
+        queue = filesystem_async._get_write_results_queue()  # what the writer reports through
+        assert queue is filesystem_async._results_queue, "megatron-core no longer reads the queue we set"
+        queue.put("written")
+        assert queue.get(timeout=30) == "written"
+        assert checkpoint._start_writer_queue_bound_to_this_process() is None  # once per process
+    finally:
+        manager.shutdown()

@@ -48,7 +48,7 @@ def test_one_process_conversion_round_trip_and_layouts(tmp_path):
     from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessor
 
     from megatron_papo.data.tokenizer import save_tiny_tokenizer
-    from megatron_papo.models.qwen2_5_vl.checkpoint_io import MODEL_FILES
+    from megatron_papo.models.qwen2_5_vl.hf_io import MODEL_FILES
 
     to_mcore = "tools/convert_hf_to_megatron.py"
     hf_dir = save_tiny_hf_folder(tmp_path / "hf")

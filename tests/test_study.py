@@ -54,7 +54,7 @@ def test_masked_eval_images_are_the_training_masks():
     mask = MaskConfig(seed=7, ratio=0.6)
     samples = [ds[i] for i in range(4)]
     for sample, masked in zip(samples, masked_samples(samples, mask)):
-        trained = processor.encode_sample(sample, mask=mask).pixel_values_masked
+        trained = processor.encode_sample(sample, mask=mask).masked_pixel_values
         assert torch.equal(processor.encode_sample(masked).pixel_values, trained)
         assert not np.array_equal(masked.images[0], sample.images[0])
 

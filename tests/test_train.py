@@ -77,7 +77,7 @@ def answering_hf_dir(hf_dir, tmp_path_factory):
     from safetensors.torch import load_file, save_file
 
     from megatron_papo.data.tokenizer import load_tokenizer
-    from megatron_papo.models.qwen2_5_vl.checkpoint_io import read_hf_config
+    from megatron_papo.models.qwen2_5_vl.hf_io import read_hf_config
 
     path = tmp_path_factory.mktemp("answering_hf") / "hf"
     shutil.copytree(hf_dir, path)
@@ -148,7 +148,8 @@ def _metrics(out: Path) -> list[dict]:
 
 def _weights(step_dir: Path) -> dict[str, torch.Tensor]:
     """The policy's weights in a checkpoint, as full HF tensors (reads any TP/PP layout)."""
-    from megatron_papo.models.qwen2_5_vl.checkpoint_io import iter_dist_checkpoint_as_hf, read_hf_config
+    from megatron_papo.models.qwen2_5_vl.dist_io import iter_dist_checkpoint_as_hf
+    from megatron_papo.models.qwen2_5_vl.hf_io import read_hf_config
 
     return dict(iter_dist_checkpoint_as_hf(step_dir, read_hf_config(step_dir)))
 

@@ -1,14 +1,15 @@
 """Weight sync without vLLM (one rank): the bucket plan, and what reaches an engine that records its
-loads, checked against the HF tensors the checkpoint path builds (checkpoint_io.gather_hf_tensors).
+loads, checked against the HF tensors the checkpoint path builds (hf_io.gather_hf_tensors).
 The multi-rank route into real vLLM is tests/test_rollout_sync.py."""
 import dataclasses
 
 import pytest
 import torch
 
-from megatron_papo.models.qwen2_5_vl.checkpoint_io import gather_hf_tensors, param_rules
 from megatron_papo.models.qwen2_5_vl.flavors import get_flavor
+from megatron_papo.models.qwen2_5_vl.hf_io import gather_hf_tensors
 from megatron_papo.models.qwen2_5_vl.model import ModelParallelOptions, build_model
+from megatron_papo.models.qwen2_5_vl.param_binding import hf_param_rules
 from megatron_papo.parallel import ParallelContext, destroy_model_parallel, initialize_model_parallel
 from megatron_papo.rollout.engine import RolloutEngine
 from megatron_papo.rollout.packing import ALIGN, map_shared, packed_end
@@ -52,7 +53,7 @@ def test_plan_keeps_load_groups_whole_and_raises_the_bucket_to_the_largest(model
     cfg, m = model
     groups = SyncGroups.from_context(ParallelContext.from_megatron())
     sync = WeightSync(cfg, groups, WeightSyncConfig(bucket_mb=0.1), vllm_load_group)
-    buckets, capacity = sync.plan(param_rules(m))
+    buckets, capacity = sync.plan(hf_param_rules(m))
     groups: dict[str, int] = {}
     for b, bucket in enumerate(buckets):
         ends = []
@@ -67,7 +68,7 @@ def test_plan_keeps_load_groups_whole_and_raises_the_bucket_to_the_largest(model
     assert capacity == max(embed, int(0.1 * 2**20)) and len(buckets) > 3
     assert {"model.layers.0.self_attn.qkv_proj", "model.layers.0.mlp.gate_up_proj"} <= set(groups)
     half, _ = WeightSync(cfg, SyncGroups.from_context(ParallelContext.from_megatron()),
-                         WeightSyncConfig(bucket_mb=0.1, transfer_dtype=torch.bfloat16), vllm_load_group).plan(param_rules(m))
+                         WeightSyncConfig(bucket_mb=0.1, transfer_dtype=torch.bfloat16), vllm_load_group).plan(hf_param_rules(m))
     assert sum(e.nbytes for b in half for i in b for e in i.entries) * 2 == \
         sum(e.nbytes for b in buckets for i in b for e in i.entries)
 
@@ -78,7 +79,7 @@ def test_sync_delivers_the_hf_tensors_once_per_update(model, transfer_dtype):
     engine = RecordingEngine()
     sync = WeightSync(cfg, SyncGroups.from_context(ParallelContext.from_megatron()),
                       WeightSyncConfig(bucket_mb=0.2, transfer_dtype=transfer_dtype, freeze_vision=True), vllm_load_group)
-    stats = sync.sync(param_rules(m), engine)
+    stats = sync.sync(hf_param_rules(m), engine)
     expected = gather_hf_tensors(m)
     assert engine.tensors.keys() == expected.keys() and engine.resets == 1
     for name, tensor in expected.items():
@@ -87,6 +88,27 @@ def test_sync_delivers_the_hf_tensors_once_per_update(model, transfer_dtype):
     assert stats.tensors == len(expected) and stats.buckets == len(engine.loads) > 1
     assert stats.bytes == sum(t.numel() * t.element_size() for t in engine.tensors.values())
     engine.tensors.clear()
-    second = sync.sync(param_rules(m), engine)  # frozen vision tower: sent by the first sync only
+    second = sync.sync(hf_param_rules(m), engine)  # frozen vision tower: sent by the first sync only
     assert engine.tensors and not any(n.startswith("visual.") for n in engine.tensors)
     assert second.tensors == sum(not n.startswith("visual.") for n in expected) and engine.resets == 2
+
+
+def test_a_tied_output_copy_is_bound_to_the_embedding_and_never_sent(model):
+    """A last stage without the embedding holds megatron's copy of a tied embedding (param_binding):
+    loading binds it to the embedding's rule (HF embed_tokens); export and the weight sync leave it out.
+    Untied, the output layer has its own rule (lm_head)."""
+    from megatron_papo.models.qwen2_5_vl import hf_mapping
+    from megatron_papo.models.qwen2_5_vl.model import Qwen2_5_VLModel
+    from megatron_papo.models.qwen2_5_vl.param_binding import param_rules
+
+    untied, m = model
+    assert {n: r.megatron for n, _, r in param_rules(m)}[hf_mapping.OUTPUT_LAYER] == hf_mapping.OUTPUT_LAYER
+    cfg = dataclasses.replace(untied, tie_word_embeddings=True)
+    last = Qwen2_5_VLModel(cfg, ModelParallelOptions(tp=1), pre_process=False, post_process=True)
+    assert {n: r.megatron for n, _, r in param_rules(last)}[hf_mapping.OUTPUT_LAYER] == hf_mapping.EMBEDDING
+    assert hf_mapping.OUTPUT_LAYER not in {n for n, _, _ in hf_param_rules(last)}
+    engine = RecordingEngine()
+    WeightSync(cfg, SyncGroups.from_context(ParallelContext.from_megatron()), WeightSyncConfig(bucket_mb=0.2),
+               vllm_load_group).sync(hf_param_rules(last), engine)
+    assert engine.tensors and engine.tensors.keys() == gather_hf_tensors(last).keys()
+    assert not {"model.embed_tokens.weight", "lm_head.weight"} & engine.tensors.keys()

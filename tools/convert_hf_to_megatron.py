@@ -45,7 +45,7 @@ def main(argv=None):
     import torch.distributed as dist
 
     from megatron_papo.models.qwen2_5_vl import dist_writer
-    from megatron_papo.models.qwen2_5_vl.checkpoint_io import HFReader, copy_model_files, read_hf_config
+    from megatron_papo.models.qwen2_5_vl.hf_io import HFReader, copy_model_files, read_hf_config
 
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     try:

@@ -32,12 +32,8 @@ def main(argv=None):
     except OutputFolderError as e:
         parser.error(str(e))
 
-    from megatron_papo.models.qwen2_5_vl.checkpoint_io import (
-        copy_model_files,
-        iter_dist_checkpoint_as_hf,
-        read_hf_config,
-        write_hf_folder,
-    )
+    from megatron_papo.models.qwen2_5_vl.dist_io import iter_dist_checkpoint_as_hf
+    from megatron_papo.models.qwen2_5_vl.hf_io import copy_model_files, read_hf_config, write_hf_folder
 
     cfg = read_hf_config(args.ckpt)
     with staged_folder(args.out) as staging:

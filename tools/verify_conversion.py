@@ -37,13 +37,8 @@ def main(argv=None):
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     from megatron_papo.models.qwen2_5_vl import parity
-    from megatron_papo.models.qwen2_5_vl.checkpoint_io import (
-        HFReader,
-        checkpoint_layout,
-        load_dist_checkpoint,
-        load_hf_weights,
-        read_hf_config,
-    )
+    from megatron_papo.models.qwen2_5_vl.dist_io import checkpoint_layout, load_dist_checkpoint
+    from megatron_papo.models.qwen2_5_vl.hf_io import HFReader, load_hf_weights, read_hf_config
     from megatron_papo.models.qwen2_5_vl.model import ModelParallelOptions, build_model
     from megatron_papo.parallel import destroy_model_parallel, initialize_model_parallel
 

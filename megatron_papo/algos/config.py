@@ -26,10 +26,10 @@ class PAPOConfig:
     clip_high: float = 0.3
     # dual-clip constant c: for A < 0 the token loss is at most -c * A
     dual_clip: float = 3.0
-    # 'reference': KL_prcp = k3(logp, logp_mask) on sampled tokens, logp_mask precomputed (no grad);
+    # 'reference': KL_prcp = k3(logp, masked_logp) on sampled tokens, masked_logp precomputed (no grad);
     # 'exact': full-vocabulary KL(pi(.|q,I) || pi(.|q,I_mask)) from vocab-parallel logits
     perception_mode: str = "reference"
-    # 'reference': entropies estimated on sampled tokens as -logp and -logp_mask;
+    # 'reference': entropies estimated on sampled tokens as -logp and -masked_logp;
     # 'exact': full-vocabulary entropies of both branches from vocab-parallel logits
     entropy_mode: str = "reference"
     # exact modes only: let the gradient flow into the masked-image logits (KL_prcp and H(masked))
@@ -81,7 +81,7 @@ class PAPOConfig:
             raise ValueError(f"PAPOConfig.dual_clip must be > 1, got {self.dual_clip}")
         if self.masked_branch_grad and self.perception_mode == self.entropy_mode == "reference":
             raise ValueError("PAPOConfig.masked_branch_grad needs perception_mode or entropy_mode 'exact' "
-                             "(in reference mode logp_mask is precomputed and has no gradient)")
+                             "(in reference mode masked_logp is precomputed and has no gradient)")
         if not 0 <= self.dynamic_sampling_low < self.dynamic_sampling_high <= 1:
             raise ValueError("PAPOConfig needs 0 <= dynamic_sampling_low < dynamic_sampling_high <= 1, got "
                              f"{self.dynamic_sampling_low}, {self.dynamic_sampling_high}")

@@ -2,7 +2,7 @@
 perception KL, double entropy, and the aggregation of token losses into a micro-batch loss.
 
 Two entry points share one loss core (`combine_loss_terms`):
-- `papo_loss`: the reference mode, from per-token log-probs (logp_mask precomputed);
+- `papo_loss`: the reference mode, from per-token log-probs (masked_logp precomputed);
 - `papo_loss_from_logits`: from vocab-parallel logits (real and masked image) through the ops,
   for the `exact` perception / entropy modes (and, with masked_logp, the reference ones).
 """
@@ -152,9 +152,10 @@ def _check_shapes(logp, response_mask, advantages, **others):
             raise ValueError(f"{name} shape {tuple(t.shape)} != logp shape {tuple(logp.shape)}")
 
 
-def papo_loss(logp, old_logp, ref_logp, masked_logp, advantages, response_mask, cfg: PAPOConfig, *,
+def papo_loss(cfg: PAPOConfig, *, logp, old_logp, advantages, response_mask, ref_logp=None, masked_logp=None,
               num_micro_batches: int = 1, global_token_count: Optional[float] = None):
-    """Reference-mode PAPO loss of one micro-batch from per-token log-probs [batch, tokens].
+    """Reference-mode PAPO loss of one micro-batch from per-token log-probs [batch, tokens]. The
+    tensors are keyword-only (both entry points take them by name, in no order to remember).
 
     logp: current policy (with grad); old_logp, ref_logp, masked_logp: old policy, reference policy
     and old policy on the masked image (no grad; ref_logp may be None when beta = 0, masked_logp when
@@ -179,8 +180,8 @@ def papo_loss(logp, old_logp, ref_logp, masked_logp, advantages, response_mask, 
         num_micro_batches=num_micro_batches, global_token_count=global_token_count)
 
 
-def papo_loss_from_logits(logits, target, old_logp, ref_logp, advantages, response_mask, cfg: PAPOConfig,
-                          tp_group: Optional[dist.ProcessGroup], *, masked_logits=None, masked_logp=None,
+def papo_loss_from_logits(cfg: PAPOConfig, tp_group: Optional[dist.ProcessGroup], *, logits, target, old_logp,
+                          advantages, response_mask, ref_logp=None, masked_logits=None, masked_logp=None,
                           temperature: float = 1.0, valid_vocab_size: Optional[int] = None,
                           chunk_size: Optional[int] = None, num_micro_batches: int = 1,
                           global_token_count: Optional[float] = None):

@@ -61,7 +61,7 @@ class Encoded:
     input_ids: torch.Tensor                    # [L] int64, image pads expanded
     pixel_values: torch.Tensor | None          # [N, patch_dim] float32 (None without images)
     image_grid_thw: torch.Tensor | None        # [num_images, 3] int64
-    pixel_values_masked: torch.Tensor | None = None  # like pixel_values, from the masked images
+    masked_pixel_values: torch.Tensor | None = None  # like pixel_values, from the masked images
     sample_id: int | None = None
     answer: str | None = None
 

@@ -134,11 +134,6 @@ class _Item:
     entries: list[PackedTensor]
 
 
-def _is_tied_output_copy(local_name: str, rule: Rule) -> bool:
-    """The last stage's copy of a tied embedding (param_rules maps it to the embedding's rule)."""
-    return "output_layer" in local_name and "output_layer" not in rule.megatron
-
-
 class WeightSync:
     """Megatron stage parameters -> HF tensors in buckets -> every rank's engine worker.
 
@@ -156,9 +151,7 @@ class WeightSync:
         self._vision_sent = False
         self._hosts: list[str] | None = None
 
-    def _skip(self, local_name: str, rule: Rule) -> bool:
-        if self.cfg.tie_word_embeddings and _is_tied_output_copy(local_name, rule):
-            return True
+    def _skip(self, rule: Rule) -> bool:
         return rule.scope == "vision" and self.options.freeze_vision and self._vision_sent
 
     def plan(self, params: Iterable[tuple[str, torch.Tensor, Rule]]) -> tuple[list[list[_Item]], int]:
@@ -168,7 +161,7 @@ class WeightSync:
         units: list[tuple[set[str], list[tuple[str, torch.Tensor, Rule, list]]]] = []
         finished_groups: set[str] = set()
         for name, param, rule in params:
-            if self._skip(name, rule):
+            if self._skip(rule):
                 continue
             dtype = self.options.transfer_dtype or param.dtype
             specs = [(hf, dtype, shape) for hf, shape in
@@ -216,8 +209,8 @@ class WeightSync:
 
     @torch.no_grad()
     def sync(self, params: Iterable[tuple[str, torch.Tensor, Rule]], engine: RolloutEngine | None) -> SyncStats:
-        """Push this stage's parameters (local name, tensor, hf_mapping rule; e.g. checkpoint_io's
-        `param_rules(model)`) to the engine workers of this replica; collective over the replica
+        """Push this stage's parameters (local name, tensor, hf_mapping rule: param_binding's
+        `hf_param_rules(model)`) to the engine workers of this replica; collective over the replica
         (every replica syncs at once). `engine`: this rank's worker, or None where it hosts none."""
         start = time.perf_counter()
         stats = SyncStats()

@@ -46,7 +46,7 @@ class Experience:
             grid = torch.zeros(0, 3, dtype=torch.long)
         else:
             pixels, grid = enc.pixel_values, enc.image_grid_thw
-            masked = pixels if enc.pixel_values_masked is None else enc.pixel_values_masked
+            masked = pixels if enc.masked_pixel_values is None else enc.masked_pixel_values
         return cls(sample_id=enc.sample_id, prompt_ids=enc.input_ids.tolist(), response_ids=response_ids,
                    pixel_values=pixels, masked_pixel_values=masked, image_grid_thw=grid, rollout_logp=rollout_logp,
                    **outcome)

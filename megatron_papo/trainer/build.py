@@ -13,8 +13,9 @@ import torch.distributed as dist
 from megatron_papo.data.dataset import PapoDataset, ResumableIterator
 from megatron_papo.data.processor import VLProcessor
 from megatron_papo.data.synthetic import SyntheticConfig, SyntheticShapes
-from megatron_papo.models.qwen2_5_vl.checkpoint_io import HFReader, load_dist_checkpoint, load_hf_weights, read_hf_config
+from megatron_papo.models.qwen2_5_vl.dist_io import load_dist_checkpoint
 from megatron_papo.models.qwen2_5_vl.flavors import Qwen2_5_VLConfig, get_flavor
+from megatron_papo.models.qwen2_5_vl.hf_io import HFReader, load_hf_weights, read_hf_config
 from megatron_papo.models.qwen2_5_vl.model import ModelParallelOptions, build_model
 from megatron_papo.parallel.context import ParallelContext
 from megatron_papo.rollout.engine import RolloutRequest, SamplingConfig
@@ -55,7 +56,7 @@ class Models:
     def write_model_files(self, folder: Path) -> None:
         """config.json, the layout file, tokenizer and image-processor config: what makes a
         checkpoint (or the engine's folder) readable by tools/ and the eval without the run's config."""
-        from megatron_papo.models.qwen2_5_vl.checkpoint_io import write_checkpoint_metadata
+        from megatron_papo.models.qwen2_5_vl.dist_io import write_checkpoint_metadata
 
         folder.mkdir(parents=True, exist_ok=True)
         write_checkpoint_metadata(self.policy[0].module, folder)
@@ -230,6 +231,6 @@ def build_weight_sync(cfg: TrainConfig, models: Models, ctx: ParallelContext):
 
 def sync_weights(models: Models, engine, weight_sync) -> None:
     """Push the policy's weights into the rollout engine (collective over all ranks)."""
-    from megatron_papo.models.qwen2_5_vl.checkpoint_io import param_rules
+    from megatron_papo.models.qwen2_5_vl.param_binding import hf_param_rules
 
-    weight_sync.sync(param_rules(models.policy[0].module), engine)
+    weight_sync.sync(hf_param_rules(models.policy[0].module), engine)

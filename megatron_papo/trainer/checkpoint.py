@@ -41,7 +41,9 @@ import torch.distributed as dist
 import yaml
 
 from megatron_papo.config import dump_yaml
+from megatron_papo.folders import write_text_atomic
 from megatron_papo.lifetime import exit_when_process_ends, this_process
+from megatron_papo.parallel.context import ParallelContext
 
 COMPLETE_MARKER = "COMPLETE"
 TRAIN_STATE = "train_state.json"  # step, data position, layout: what the loop restores besides tensors
@@ -139,19 +141,16 @@ def set_rng_state(state: dict[str, torch.Tensor]) -> None:
         {k.removeprefix("tracker."): v for k, v in state.items() if k.startswith("tracker.")})
 
 
-def layout() -> dict[str, int]:
-    from megatron.core import parallel_state
-
-    return {"pp": parallel_state.get_pipeline_model_parallel_world_size(),
-            "tp": parallel_state.get_tensor_model_parallel_world_size(),
-            "dp": parallel_state.get_data_parallel_world_size()}
+def layout(ctx: ParallelContext) -> dict[str, int]:
+    """The training layout a checkpoint records (train_state.json) and its RNG tensors are indexed by."""
+    return {"pp": ctx.pp, "tp": ctx.tp, "dp": ctx.dp}
 
 
-def _sharded_state_dict(modules: dict, optimizer, is_loading: bool, rng: bool = True) -> dict[str, Any]:
+def _sharded_state_dict(modules: dict, optimizer, ctx: ParallelContext, is_loading: bool,
+                        rng: bool = True) -> dict[str, Any]:
     """`modules`: name -> model stage; "model" is the trained one (the optimizer's), others (e.g. the
     reference model) are saved under their name as a key prefix so their tensors do not collide.
     `rng`: include this rank's RNG states (not when loading at another layout)."""
-    from megatron.core import parallel_state
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
     sd: dict[str, Any] = {name: m.sharded_state_dict(prefix="" if name == "model" else f"{name}.")
@@ -162,10 +161,8 @@ def _sharded_state_dict(modules: dict, optimizer, is_loading: bool, rng: bool = 
     if not rng:
         return sd
     # Each RNG state is a [pp, tp, dp, n] tensor: a resumed rank continues its own streams.
-    size = layout()
-    ranks = {"pp": parallel_state.get_pipeline_model_parallel_rank(),
-             "tp": parallel_state.get_tensor_model_parallel_rank(),
-             "dp": parallel_state.get_data_parallel_rank()}
+    size = layout(ctx)
+    ranks = {"pp": ctx.pp_rank, "tp": ctx.tp_rank, "dp": ctx.dp_rank}
     sd["rng_state"] = {name: ShardedTensor.from_rank_offsets(
         f"rng_state.{name}", t.reshape(1, 1, 1, -1), *((axis, ranks[k], size[k]) for axis, k in enumerate(size)),
         replica_id=0) for name, t in rng_state().items()}
@@ -194,42 +191,46 @@ def optimizer_has_state(optimizer) -> bool:
     return any(len(state) > 0 for o in inner for state in o.optimizer.state.values())
 
 
-def _start_writer_queue_bound_to_this_process() -> None:
+def _start_writer_queue_bound_to_this_process() -> SyncManager | None:
     """megatron-core's checkpoint writer reports through a multiprocessing Manager queue that it
     spawns at the first save and never stops (megatron-core 0.16: filesystem_async._results_queue);
     a SIGKILLed trainer left that manager orphaned with ~300 MB. We start the manager ourselves, set
-    to exit with this process (megatron_papo.lifetime). Other megatron-core versions: left alone."""
+    to exit with this process (megatron_papo.lifetime), and return it (None: nothing started).
+    Other megatron-core versions: left alone, and tests/test_checkpoint.py fails on them."""
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     if getattr(filesystem_async, "_results_queue", "absent") is not None:
-        return  # already started, or no such queue in this version
+        return None  # already started, or no such queue in this version
     manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
     manager.start(initializer=exit_when_process_ends, initargs=this_process())
+    # Private megatron-core global, set because megatron offers no way to pass the queue or its manager
+    # (test_megatron_core_writer_queue_is_the_global_we_set fails when megatron-core renames or stops reading it).
     filesystem_async._results_queue = manager.Queue()  # the queue's proxy keeps the manager alive
+    return manager
 
 
 def save_checkpoint(cfg: CheckpointConfig, step: int, modules: dict, optimizer, scheduler,
-                    train_state: dict[str, Any], run_config: Any = None,
+                    train_state: dict[str, Any], ctx: ParallelContext, run_config: Any = None,
                     write_extras: Callable[[Path], None] | None = None) -> Path:
-    """Collective: every rank calls it. `train_state` (step, data position, ...) is the same on all
-    ranks; rank 0 writes it (JSON-able) to train_state.json, and `run_config` (the run's config
-    dataclass) to run_config.yaml. `write_extras(dir)` runs on rank 0 before the checkpoint is marked
-    complete (config.json, tokenizer, ... so tools can read the directory). Returns the final
-    directory."""
+    """Collective: every rank calls it; `ctx`: the job's layout and this rank's place in it.
+    `train_state` (step, data position, ...) is the same on all ranks; rank 0 writes it (JSON-able)
+    to train_state.json, and `run_config` (the run's config dataclass) to run_config.yaml.
+    `write_extras(dir)` runs on rank 0 before the checkpoint is marked complete (config.json,
+    tokenizer, ... so tools can read the directory). Returns the final directory."""
     from megatron.core import dist_checkpointing
 
     root = Path(cfg.save_dir)
     final = step_dir(root, step)
     tmp = final.with_name(final.name + ".tmp")
-    rank0 = dist.get_rank() == 0
+    rank0 = ctx.rank == 0
     if rank0:
         for stale in root.glob("step_*"):  # killed saves and deletions
             if not is_complete(stale):
                 shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
-    sd = _sharded_state_dict(modules, optimizer, is_loading=False)
-    train_state = dict(train_state, step=step, optimizer_saved="optimizer" in sd, layout=layout())
+    sd = _sharded_state_dict(modules, optimizer, ctx, is_loading=False)
+    train_state = dict(train_state, step=step, optimizer_saved="optimizer" in sd, layout=layout(ctx))
     sd["scheduler"] = scheduler.state_dict() if scheduler is not None else None
     _start_writer_queue_bound_to_this_process()
     dist_checkpointing.save(sd, str(tmp))
@@ -244,28 +245,28 @@ def save_checkpoint(cfg: CheckpointConfig, step: int, modules: dict, optimizer, 
         if final.exists():  # a re-save of the same step (e.g. signal right after a periodic save)
             _delete(final)
         os.replace(tmp, final)
-        _write_atomic(root / "latest", f"{step}\n")
+        write_text_atomic(root / "latest", f"{step}\n")
         _prune(root, cfg.keep_last)
     dist.barrier()
     return final
 
 
-def load_checkpoint(path: Path, modules: dict, optimizer, scheduler) -> dict[str, Any]:
-    """Collective. Loads into the given model/optimizer/scheduler, restores this rank's RNG
+def load_checkpoint(path: Path, modules: dict, optimizer, scheduler, ctx: ParallelContext) -> dict[str, Any]:
+    """Collective (`ctx`: as for save_checkpoint). Loads into the given model/optimizer/scheduler, restores this rank's RNG
     states, and returns the saved train_state. Unpickles nothing from the checkpoint."""
     from megatron.core import dist_checkpointing
 
-    from megatron_papo.models.qwen2_5_vl.checkpoint_io import weights_only_common_load
+    from megatron_papo.models.qwen2_5_vl.dist_io import weights_only_common_load
 
     train_state = read_train_state(path)
     _check_no_pickles(path)
     if not train_state["optimizer_saved"]:
         optimizer = None  # saved before its first step: the fresh optimizer is that state
-    same_layout = train_state["layout"] == layout()
-    if not same_layout and dist.get_rank() == 0:
-        print(f"{path} was saved at layout {train_state['layout']}, resuming at {layout()}: weights and optimizer "
+    same_layout = train_state["layout"] == layout(ctx)
+    if not same_layout and ctx.rank == 0:
+        print(f"{path} was saved at layout {train_state['layout']}, resuming at {layout(ctx)}: weights and optimizer "
               "state are resharded; RNG streams restart from the seed", flush=True)
-    sd = _sharded_state_dict(modules, optimizer, is_loading=True, rng=same_layout)
+    sd = _sharded_state_dict(modules, optimizer, ctx, is_loading=True, rng=same_layout)
     loaded = dist_checkpointing.load(sd, str(path), common_strategy=weights_only_common_load())
     for name, m in modules.items():
         m.load_state_dict(loaded[name], strict=False)
@@ -379,7 +380,7 @@ def _check_no_pickles(path: Path) -> None:
     a checkpoint that holds pickled objects (megatron-core would unpickle them)."""
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
-    from megatron_papo.models.qwen2_5_vl.checkpoint_io import read_dist_metadata
+    from megatron_papo.models.qwen2_5_vl.dist_io import read_dist_metadata
 
     try:
         entries = read_dist_metadata(path).state_dict_metadata
@@ -389,15 +390,6 @@ def _check_no_pickles(path: Path) -> None:
     if objects:
         raise CheckpointError(f"{path} holds pickled objects ({', '.join(objects[:3])}"
                               f"{', ...' if len(objects) > 3 else ''}), which run code when loaded: not loaded")
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _prune(root: Path, keep_last: int) -> None:

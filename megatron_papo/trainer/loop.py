@@ -62,7 +62,7 @@ class Trainer:
         self.processor: VLProcessor = self.models.processor
         self.data = DataSource(cfg)
         self.reward_fn = get_reward_fn(cfg.reward)
-        self.optimizer, self.scheduler = build_optimizer(cfg, self.models.policy, cfg.optim.lr)
+        self.optimizer, self.scheduler = build_optimizer(cfg, self.models.policy, cfg.optim.lr)  # the RL updates
         self.state = ckpt.RunState()
         self.preemption = ckpt.PreemptionHandler(cfg.checkpoint.save_on_signal)
         resume_from = ckpt.find_resume_checkpoint(cfg.checkpoint)
@@ -80,7 +80,9 @@ class Trainer:
                 self.sft_warmup()
             self.models.copy_policy_to_reference()
             self.state.sft_done = True
-            self.optimizer, self.scheduler = build_optimizer(cfg, self.models.policy, cfg.optim.lr)
+            # the RL optimizer has not stepped (fresh Adam moments, scheduler at 0); with bf16 or the
+            # distributed optimizer it holds fp32 copies of the weights, taken before the warm-up
+            self.optimizer.reload_model_params()
             self._save()  # step 0: a killed run never redoes the warm-up
         sync_weights(self.models, self.engine, self.weight_sync)
         alarm = None
@@ -297,37 +299,49 @@ class Trainer:
         def on_logits(mb, logits):
             if exact:
                 real, masked = logits.chunk(2, dim=0) if both else (logits, None)
-                loss, m = papo_loss_from_logits(
-                    real, mb.targets, mb.old_logp, mb.ref_logp, mb.advantages, mb.response_mask, algo, self.tp_group,
-                    masked_logits=masked, masked_logp=mb.masked_logp, temperature=cfg.rollout.temperature,
-                    valid_vocab_size=self.model_cfg.vocab_size, global_token_count=global_tokens)
+                loss, m = papo_loss_from_logits(algo, self.tp_group, logits=real, target=mb.targets,
+                                                old_logp=mb.old_logp, ref_logp=mb.ref_logp, advantages=mb.advantages,
+                                                response_mask=mb.response_mask, masked_logits=masked,
+                                                masked_logp=mb.masked_logp, temperature=cfg.rollout.temperature,
+                                                valid_vocab_size=self.model_cfg.vocab_size,
+                                                global_token_count=global_tokens)
             else:
                 logp = vocab_parallel_logprob(logits, mb.targets, self.tp_group, cfg.rollout.temperature,
                                               self.model_cfg.vocab_size)
-                loss, m = papo_loss(logp, mb.old_logp, mb.ref_logp, mb.masked_logp, mb.advantages, mb.response_mask,
-                                    algo, global_token_count=global_tokens)
+                loss, m = papo_loss(algo, logp=logp, old_logp=mb.old_logp, ref_logp=mb.ref_logp,
+                                    masked_logp=mb.masked_logp, advantages=mb.advantages,
+                                    response_mask=mb.response_mask, global_token_count=global_tokens)
             metrics = {k: float(v) for k, v in m.items()}
             if global_tokens is not None:  # report means over the step's tokens, not over micro-batches
                 share = float(mb.response_mask.sum()) / global_tokens  # (the loss already is a sum / global_tokens)
                 metrics = {k: v * scale * (1.0 if k == "loss" else share) for k, v in metrics.items()}
             return loss * scale, metrics
 
-        for chunk in self.models.policy:
-            chunk.zero_grad_buffer()
-        self.optimizer.zero_grad()
-        outs = run_micro_batches(self.models.policy, mbs, on_logits, forward_only=False,
-                                 images="both" if both else "real")
-        ok, grad_norm, _ = self.optimizer.step()
-        self.scheduler.step(increment=1)
+        outs, grad_norm = self.optimizer_step(self.optimizer, self.scheduler, mbs, on_logits,
+                                              images="both" if both else "real")
         metrics = _mean_dicts(outs)
         metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         return self._from_last_stage(metrics)
+
+    def optimizer_step(self, optimizer, scheduler, mbs, on_logits, images: str = "real") -> tuple[list[dict], float]:
+        """One update of the policy (the RL minibatch's and the warm-up's): zero the gradients, forward
+        and backward the micro-batches (`on_logits` gives each one's loss), step the optimizer and its
+        LR schedule. Returns the micro-batches' outputs and the gradient norm."""
+        for chunk in self.models.policy:
+            chunk.zero_grad_buffer()
+        optimizer.zero_grad()
+        outs = run_micro_batches(self.models.policy, mbs, on_logits, forward_only=False, images=images)
+        _, grad_norm, _ = optimizer.step()
+        scheduler.step(increment=1)
+        return outs, grad_norm
 
     # ------------------------------------------------------------------ warm start
     def sft_warmup(self) -> None:
         """Supervised steps on the synthetic task's `<think>..</think> \\boxed{}` targets, so the
         first rollouts are not all wrong (rewards all 0 -> advantages all 0 -> no signal)."""
         cfg = self.cfg
+        # Its own optimizer, from the same builder: the warm-up has its own lr (sft_lr), and its Adam
+        # moments and schedule steps must not carry into the RL updates, which start fresh.
         optimizer, scheduler = build_optimizer(cfg, self.models.policy, cfg.sft_lr)
         per_rank = max(cfg.sft_batch_size // self.dp_size, 1)
         bar = Progress(range(cfg.sft_steps), desc="sft warm-up", unit="steps", enabled=self.rank == 0)
@@ -346,12 +360,7 @@ class Trainer:
                 loss = -(logp * m).sum() / m.sum().clamp(min=1)
                 return loss, {"sft_loss": float(loss.detach())}
 
-            for chunk in self.models.policy:
-                chunk.zero_grad_buffer()
-            optimizer.zero_grad()
-            outs = run_micro_batches(self.models.policy, mbs, on_logits, forward_only=False)
-            optimizer.step()
-            scheduler.step(increment=1)
+            outs, _ = self.optimizer_step(optimizer, scheduler, mbs, on_logits)
             loss = self._from_last_stage(_mean_dicts(outs)).get("sft_loss", float("nan"))
             bar.set_postfix(loss=f"{loss:.3f}")
 
@@ -384,13 +393,14 @@ class Trainer:
     def _save(self) -> None:
         train_state = dataclasses.asdict(self.state) | {"data": self.data.state_dict()}
         ckpt.save_checkpoint(self.cfg.checkpoint, self.state.step, self.models.checkpoint_modules(),
-                             self.optimizer, self.scheduler, train_state, run_config=self.cfg,
+                             self.optimizer, self.scheduler, train_state, self.ctx, run_config=self.cfg,
                              write_extras=self.models.write_model_files)
 
     def _load(self, path: Path) -> None:
         if self.rank == 0:
             print(f"resuming from {path}", flush=True)
-        train_state = ckpt.load_checkpoint(path, self.models.checkpoint_modules(), self.optimizer, self.scheduler)
+        train_state = ckpt.load_checkpoint(path, self.models.checkpoint_modules(), self.optimizer, self.scheduler,
+                                           self.ctx)
         self.data.load_state_dict(train_state.pop("data"))
         self.state = ckpt.RunState(**{k: v for k, v in train_state.items() if k in ckpt.RunState.__dataclass_fields__})
 

@@ -7,15 +7,16 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from megatron_papo.folders import write_text_atomic
+
 # Keys shown on the one-line summary, in this order, with their short names.
 CONSOLE_KEYS = [
     ("reward", "reward"), ("accuracy", "acc"), ("kl_prcp", "kl_prcp"), ("entropy", "ent"),
-    ("masked_entropy", "ent_mask"), ("clipfrac_low", "clip_lo"), ("clipfrac_high", "clip_hi"),
+    ("masked_entropy", "ent_masked"), ("clipfrac_low", "clip_lo"), ("clipfrac_high", "clip_hi"),
     ("ref_kl", "ref_kl"), ("grad_norm", "gnorm"), ("response_len", "len"), ("tokens_per_s", "tok/s"),
 ]
 # Curves plotted at the end of a run (one panel each, when present).
@@ -79,9 +80,7 @@ class MetricsLogger:
         if self.jsonl_path.exists():
             rows = [json.loads(line) for line in self.jsonl_path.read_text().splitlines() if line.strip()]
             self.history = [r for r in rows if r.get("step", 0) <= resume_step]
-            tmp = self.jsonl_path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in self.history))
-            os.replace(tmp, self.jsonl_path)
+            write_text_atomic(self.jsonl_path, "".join(json.dumps(r) + "\n" for r in self.history))
         if cfg.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter

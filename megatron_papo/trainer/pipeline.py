@@ -61,7 +61,7 @@ def run_micro_batches(model_chunks: list[torch.nn.Module], micro_batches: list[M
         raise ValueError(f"images must be one of {IMAGE_BRANCHES}, got {images!r}")
     if not micro_batches:
         return []
-    model_cfg = _unwrap(model_chunks[0]).hf_config
+    model_cfg = _unwrap(model_chunks[0]).model_cfg
     device = next(model_chunks[0].parameters()).device
     batches = [add_position_ids(mb, model_cfg).to(device) for mb in micro_batches]
     outputs: list[dict] = []

@@ -18,7 +18,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer
 from transformers import Qwen2_5_VLForConditionalGeneration
 
 from megatron_papo.models.qwen2_5_vl import parity
-from megatron_papo.models.qwen2_5_vl.checkpoint_io import HFReader, gather_hf_tensors, load_hf_weights, read_hf_config
+from megatron_papo.models.qwen2_5_vl.hf_io import HFReader, gather_hf_tensors, load_hf_weights, read_hf_config
 from megatron_papo.models.qwen2_5_vl.hf_mapping import hf_hub_name
 from megatron_papo.models.qwen2_5_vl.model import ModelParallelOptions, build_model
 from megatron_papo.parallel import destroy_model_parallel, initialize_model_parallel

@@ -97,8 +97,9 @@ def check_exact_loss(x, y, target, group, rank, tp):
     results = []
     for xs, ys, grp in ((shard(x, rank, tp), shard(y, rank, tp), group), (x.clone(), y.clone(), None)):
         xs.requires_grad_(), ys.requires_grad_()
-        loss, _ = papo_loss_from_logits(xs[None], target[None], old[None], ref[None], adv[None], mask[None], cfg,
-                                        grp, masked_logits=ys[None], temperature=0.8, valid_vocab_size=VOCAB - 5)
+        loss, _ = papo_loss_from_logits(cfg, grp, logits=xs[None], target=target[None], old_logp=old[None],
+                                        ref_logp=ref[None], advantages=adv[None], response_mask=mask[None],
+                                        masked_logits=ys[None], temperature=0.8, valid_vocab_size=VOCAB - 5)
         loss.backward()
         results.append((loss, xs.grad, ys.grad))
     (loss, gx, gy), (loss1, gx1, gy1) = results

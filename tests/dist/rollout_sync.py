@@ -17,8 +17,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).parent))
-
 TOL = 1e-4
 BUCKET_MB = 0.05  # small: many buckets, groups at bucket edges; the bucket rises to the largest group (the embedding)
 
@@ -51,10 +49,11 @@ def response_logprobs(logits, samples):
 
 def main(engine_dir, train_dir, train_tp, train_pp, rollout_tp, out_json):
     import transformers
-    from rollout_common import random_image
+    from tests.dist.rollout_common import random_image
 
     from megatron_papo.models.qwen2_5_vl import parity
-    from megatron_papo.models.qwen2_5_vl.checkpoint_io import HFReader, load_hf_weights, param_rules, read_hf_config
+    from megatron_papo.models.qwen2_5_vl.hf_io import HFReader, load_hf_weights, read_hf_config
+    from megatron_papo.models.qwen2_5_vl.param_binding import hf_param_rules
     from megatron_papo.models.qwen2_5_vl.model import ModelParallelOptions, build_model
     from megatron_papo.parallel import ParallelContext, destroy_model_parallel, initialize_model_parallel
     from megatron_papo.rollout.engine import RolloutRequest, SamplingConfig
@@ -114,7 +113,7 @@ def main(engine_dir, train_dir, train_tp, train_pp, rollout_tp, out_json):
         return megatron_batch(cfg, per_engine[0], processor, images), per_engine
 
     def sync_generate_compare(step):
-        stats = syncers[step].sync(param_rules(model), engine)
+        stats = syncers[step].sync(hf_param_rules(model), engine)
         assert stats.route == ("shared_memory" if step == 0 else "broadcast"), stats.route
         capacities = [None] * dist.get_world_size()
         dist.all_gather_object(capacities, stats.capacity_bytes)
@@ -146,7 +145,7 @@ def main(engine_dir, train_dir, train_tp, train_pp, rollout_tp, out_json):
 
     # frozen vision tower: sent by the first sync only
     frozen = WeightSync(cfg, groups, WeightSyncConfig(bucket_mb=BUCKET_MB, freeze_vision=True), vllm_load_group)
-    first, second = frozen.sync(param_rules(model), engine), frozen.sync(param_rules(model), engine)
+    first, second = frozen.sync(hf_param_rules(model), engine), frozen.sync(hf_param_rules(model), engine)
     assert any(n.startswith("visual.") for n in first.names)
     assert second.names and not any(n.startswith("visual.") for n in second.names)
     if rank == 0:
@@ -155,7 +154,7 @@ def main(engine_dir, train_dir, train_tp, train_pp, rollout_tp, out_json):
 
     # greedy tokens of the train folder's weights, for the cross-layout comparison in the test
     load_hf_weights(model, HFReader(train_dir))
-    syncers[0].sync(param_rules(model), engine)
+    syncers[0].sync(hf_param_rules(model), engine)
     _, per_engine = generate_compare(step=3, sampling=SamplingConfig(n=1, temperature=0.0, max_new_tokens=8))
     if rank == 0:
         Path(out_json).write_text(json.dumps([[[s.response_token_ids for s in p] for p in samples]

@@ -29,14 +29,9 @@ from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, Metadata
 from torch.distributed.checkpoint.planner import SavePlan, TensorWriteData, WriteItem, WriteItemType
 
 from megatron_papo.models.qwen2_5_vl import hf_mapping
-from megatron_papo.models.qwen2_5_vl.checkpoint_io import (
-    HF_CONFIG,
-    HFReader,
-    dist_checkpoint_key,
-    read_hf_config,
-    write_layout_files,
-)
+from megatron_papo.models.qwen2_5_vl.dist_io import write_layout_files
 from megatron_papo.models.qwen2_5_vl.flavors import Qwen2_5_VLConfig
+from megatron_papo.models.qwen2_5_vl.hf_io import HF_CONFIG, HFReader, read_hf_config
 from megatron_papo.models.qwen2_5_vl.hf_mapping import Rule
 from megatron_papo.progress import Progress
 
@@ -80,7 +75,7 @@ def _boxes(rule: Rule, shape: tuple[int, ...], tp: int):
 def plan_entries(cfg: Qwen2_5_VLConfig, reader: HFReader, tp: int, padded_vocab: int) -> list[list[Entry]]:
     """Every tensor of the checkpoint, grouped (a layer, or one tensor); shapes from the HF headers."""
     rules = hf_mapping.all_rules(cfg)
-    keys = [dist_checkpoint_key(hf_mapping.te_name(r.megatron)) for r in rules]  # local specs save TE names
+    keys = [hf_mapping.sharded_key(r.megatron) for r in rules]
     layers = {}
     for key, layer in keys:
         layers[key] = max(layers.get(key, 1), (layer or 0) + 1)
@@ -124,7 +119,7 @@ def _extra_state_keys(group: list[Entry]) -> list[str]:
     for e in group:
         m = _LINEAR.match(hf_mapping.te_name(e.rule.megatron))
         if m:
-            key, layer = dist_checkpoint_key(m.group(1) + "._extra_state")
+            key, layer = hf_mapping.sharded_key(m.group(1) + "._extra_state")
             out.append(f"{key}/shard_{layer or 0}_{e.layers}")
     return out
 
@@ -173,7 +168,7 @@ class _GroupData:
 
 class _PlainMetadataWriter(FileSystemWriter):
     """No StorageMeta in .metadata: torch records the folder as a pathlib object there, which the
-    allow-listed metadata reader (checkpoint_io.read_dist_metadata) rightly refuses to unpickle;
+    allow-listed metadata reader (dist_io.read_dist_metadata) rightly refuses to unpickle;
     megatron-core's own saves record none either."""
 
     def storage_meta(self):

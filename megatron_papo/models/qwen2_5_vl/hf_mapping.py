@@ -3,7 +3,8 @@
 Rules are data: a Megatron parameter name (full model, `{i}` = global layer/block index), the HF
 hub-layout name(s) it is built from (`model.*` LM, `visual.*`, `lm_head.*`), how its Megatron
 "full" tensor is assembled from them (`layout`) and how that full tensor is split over tensor
-parallel ranks (`shard`). Conversion, verification and vLLM weight sync use only this module.
+parallel ranks (`shard`). Conversion, verification and vLLM weight sync use only this module (and
+param_binding, which binds a pipeline stage's parameters to these rules).
 
 Megatron full-tensor layouts:
   qkv      linear_qkv rows grouped per KV group: [g0: q heads of g0, k0, v0][g1: ...] (GQA aware);
@@ -27,6 +28,8 @@ from megatron_papo.models.qwen2_5_vl.flavors import Qwen2_5_VLConfig
 LM_PREFIX = "language_model."     # Qwen2_5_VLModel attribute holding the megatron GPTModel
 VISION_PREFIX = "vision_model."   # Qwen2_5_VLModel attribute holding Qwen2_5_VisionModel
 HF_VISION_PREFIX = "visual."
+EMBEDDING = LM_PREFIX + "embedding.word_embeddings.weight"
+OUTPUT_LAYER = LM_PREFIX + "output_layer.weight"  # no rule of its own when the config ties it to EMBEDDING
 
 SHARD_KINDS = ("column", "row", "vocab", "replicated")
 LAYOUTS = ("plain", "qkv", "fused_qkv", "gate_up", "conv_linear")
@@ -51,10 +54,10 @@ class Rule:
 
 
 def lm_rules(cfg: Qwen2_5_VLConfig) -> list[Rule]:
-    """Language-model rules (local-spec names; checkpoints use megatron's sharded keys, see checkpoint_io)."""
+    """Language-model rules (local-spec names; checkpoints use megatron's sharded keys: `sharded_key`)."""
     layer, hf_layer = LM_PREFIX + "decoder.layers.{i}.", "model.layers.{i}."
     rules = [
-        Rule(LM_PREFIX + "embedding.word_embeddings.weight", ("model.embed_tokens.weight",), "vocab"),
+        Rule(EMBEDDING, ("model.embed_tokens.weight",), "vocab"),
         Rule(layer + "input_layernorm.weight", (hf_layer + "input_layernorm.weight",)),
         Rule(layer + "self_attention.linear_qkv.weight",
              tuple(hf_layer + f"self_attn.{p}_proj.weight" for p in "qkv"), "column", "qkv"),
@@ -67,8 +70,8 @@ def lm_rules(cfg: Qwen2_5_VLConfig) -> list[Rule]:
         Rule(layer + "mlp.linear_fc2.weight", (hf_layer + "mlp.down_proj.weight",), "row"),
         Rule(LM_PREFIX + "decoder.final_layernorm.weight", ("model.norm.weight",)),
     ]
-    if not cfg.tie_word_embeddings:  # tied: the output layer reuses the embedding (megatron ties them)
-        rules.append(Rule(LM_PREFIX + "output_layer.weight", ("lm_head.weight",), "vocab"))
+    if not cfg.tie_word_embeddings:  # tied: the output layer reuses the embedding (param_binding)
+        rules.append(Rule(OUTPUT_LAYER, ("lm_head.weight",), "vocab"))
     return rules
 
 
@@ -276,6 +279,17 @@ def te_name(name: str) -> str:
             if name.endswith("." + local):
                 return name[: -len(local)] + te
     return name
+
+
+def sharded_key(name: str) -> tuple[str, int | None]:
+    """A full-model Megatron name -> (its key in megatron-core's torch_dist checkpoints, its index on
+    their stacked layer axis or None). Checkpoints name the fused LM norms as transformer-engine specs
+    do, whichever spec built the model (local specs map them: sharded_state_dict_keys_map)."""
+    name = te_name(name)
+    m = re.match(r"(.*\.decoder\.layers\.)(\d+)\.(.*)", name)
+    if m:
+        return m.group(1) + m.group(3), int(m.group(2))
+    return name, None
 
 
 def layer_index(name: str) -> int | None:

@@ -102,7 +102,7 @@ class Qwen2_5_VLModel(MegatronModule):
         tc = language_transformer_config(cfg, opts)
         super().__init__(config=tc)
         self.model_type = ModelType.encoder_or_decoder  # read by megatron's pipeline schedules
-        self.hf_config = cfg
+        self.model_cfg = cfg  # Qwen2_5_VLConfig (self.config is megatron's TransformerConfig)
         self.opts = opts
         self.use_te = use_transformer_engine(opts.use_te)
         self.pg_collection = pg_collection or ProcessGroupCollection.use_mpu_process_groups()
@@ -149,10 +149,10 @@ class Qwen2_5_VLModel(MegatronModule):
             if self.vision_model is None:
                 raise ValueError("pixel_values given but this model was built with with_vision=False")
             image_embeds = self.vision_model(pixel_values, image_grid_thw)
-            is_image = (input_ids == self.hf_config.image_token_id if image_mask is None else image_mask).unsqueeze(-1)
+            is_image = (input_ids == self.model_cfg.image_token_id if image_mask is None else image_mask).unsqueeze(-1)
             if int(is_image.sum()) != image_embeds.shape[0]:
                 raise ValueError(f"input_ids hold {int(is_image.sum())} image tokens (id "
-                                 f"{self.hf_config.image_token_id}) but the images give {image_embeds.shape[0]}")
+                                 f"{self.model_cfg.image_token_id}) but the images give {image_embeds.shape[0]}")
             embeddings = embeddings.masked_scatter(is_image, image_embeds.to(embeddings.dtype))
         embeddings = embeddings.transpose(0, 1).contiguous()
         if self.config.sequence_parallel:
