@@ -39,6 +39,7 @@ import math
 import os
 import re
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -54,7 +55,9 @@ REPO = Path(__file__).resolve().parent.parent
 SCENARIOS = {"default": ("grpo", "papo_g", "papo_h"), "collapse": ("grpo", "papo_g", "papo_h")}
 COLLAPSE_GAMMA = 0.2          # 10x the published gamma
 TRAIN_WINDOW = 5              # training metrics in the table: the mean over the last this many steps
-CURVE_KEYS = ["reward", "accuracy", "kl_prcp", "entropy", "masked_entropy", "clipfrac_low", "clipfrac_high"]
+CURVE_KEYS = ["reward", "accuracy", "kl_prcp", "entropy", "masked_entropy", "clipfrac_low", "clipfrac_high", "ref_kl",
+              "response_len"]
+AT_LIMIT = 0.9                # a step's responses are "at the length limit" when their mean length >= this x max_new_tokens
 SMOOTHING = 5                 # moving average of the curves (runs of at least 2 x this many steps)
 SFT = "sft"                   # the label of the warm-up checkpoint in tables
 ALARM_LINE = re.compile(r"WARNING \[step (\d+)\] possible loss hacking")
@@ -195,6 +198,19 @@ def train_summary(rows: list[dict]) -> dict:
         values = [r[key] for r in last if isinstance(r.get(key), (int, float))]
         out[key] = sum(values) / len(values) if values else math.nan
     return out
+
+
+def length_drift(rows: list[dict], max_new_tokens: int) -> dict:
+    """Whether the responses drifted to the length limit (the policy stopped ending them), and the
+    reference KL before and after: tokens written past where the warm-up's model would have stopped
+    are ones the reference finds unlikely, so ref_kl jumps with the length, not with a bad reference."""
+    limit = AT_LIMIT * max_new_tokens
+    at = [r for r in rows if r.get("response_len", 0) >= limit]
+    below = [r for r in rows if r.get("response_len", 0) < limit]
+    mean = lambda rs: sum(r["ref_kl"] for r in rs) / len(rs) if rs else math.nan  # noqa: E731
+    return {"max_new_tokens": max_new_tokens, "first_step_at_limit": at[0]["step"] if at else None,
+            "steps_at_limit": len(at), "ref_kl_below_limit": mean(below), "ref_kl_at_limit": mean(at),
+            "ref_kl_step1": rows[0]["ref_kl"] if rows else math.nan}
 
 
 def alarm_verdict(run: Run, rows: list[dict], monitor: dict) -> dict:
@@ -366,6 +382,20 @@ def alarm_lines(results: dict) -> list[str]:
     return out
 
 
+def drift_lines(results: dict) -> list[str]:
+    out = []
+    for r in results["runs"]:
+        if r["label"] == SFT:
+            continue
+        d = r["drift"]
+        where = (f"from step {d['first_step_at_limit']} ({d['steps_at_limit']} of {r['train']['steps']} steps)"
+                 if d["first_step_at_limit"] is not None else "never")
+        out.append(f"- {r['label']}, seed {r['seed']}: responses at the {d['max_new_tokens']}-token limit {where}; "
+                   f"ref_kl {_num(d['ref_kl_below_limit'])} on the other steps, {_num(d['ref_kl_at_limit'])} at the "
+                   f"limit (step 1: {_num(d['ref_kl_step1'])})")
+    return out
+
+
 def _num(v: float) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4g}"
 
@@ -419,14 +449,20 @@ def plot_curves(histories: dict[str, list[list[dict]]], path: Path) -> Path | No
     return path
 
 
-def write_docs(path: Path, scenario: str, command: str, results: dict, table: str) -> None:
-    """The scenario's section of docs/results.md (between its markers); other sections stay."""
+def write_docs(path: Path, scenario: str, command: str, results: dict, table: str, curves: Path | None) -> None:
+    """The scenario's section of docs/results.md (between its markers); other sections stay. The
+    curves are copied beside it (study_<scenario>_curves.png)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if curves is not None:
+        curves = Path(shutil.copyfile(curves, path.parent / f"study_{scenario}_curves.png"))
     begin, end = f"<!-- study:{scenario} -->", f"<!-- /study:{scenario} -->"
     s = results["settings"]
     body = [begin, f"## Scenario `{scenario}`", "", "```bash", command, "```", "",
             f"Presets {', '.join(results['labels'][1:])}; seeds {s['seeds']}; {s['steps']} RL steps after "
             f"{s['sft_steps']} SFT steps; config {s['config']}" + (f"; overrides {' '.join(s['set'])}" if s["set"] else "")
-            + ".", "", table, "Loss-hacking alarm (trainer/metrics.py), per run:", "", *alarm_lines(results), "", end]
+            + ".", "", table, "Loss-hacking alarm (trainer/metrics.py), per run:", "", *alarm_lines(results), "",
+            "Response length and reference KL, per run (study.length_drift):", "", *drift_lines(results), "",
+            f"![curves]({curves.name})" if curves else "", end]
     text = path.read_text() if path.is_file() else (
         "# Results: does PAPO do what the paper says, here?\n\n"
         "Written by `python -m megatron_papo.study --docs` (megatron_papo/study.py says what each number is).\n"
@@ -436,7 +472,6 @@ def write_docs(path: Path, scenario: str, command: str, results: dict, table: st
         text = text[: text.index(begin)] + section + text[text.index(end) + len(end) + 1:]
     else:
         text = text.rstrip("\n") + "\n\n" + section
-    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
 
 
@@ -552,6 +587,7 @@ def main(argv: list[str] | None = None) -> int:
         results["runs"].append({"seed": r.seed, "label": r.label, "preset": r.preset, "overrides": r.overrides,
                                 "ckpt": str(final), "train": train_summary(rows),
                                 "alarm": alarm_verdict(r, rows, run_config(final)["monitor"]),
+                                "drift": length_drift(rows, run_config(final)["rollout"]["max_new_tokens"]),
                                 "eval": eval_metrics(evals[(r.seed, r.label)], scenes, args.k)})
     out = Path(args.out)
     table = tables(results, args.k)
@@ -559,12 +595,13 @@ def main(argv: list[str] | None = None) -> int:
     curves = plot_curves(histories, out / "curves.png")
     alarms = alarm_lines(results)
     md = [f"# Study: {args.scenario}", "", "```bash", command, "```", "", table, "Loss-hacking alarm, per run:", "",
-          *alarms, "", f"Curves: {curves.name if curves else '(matplotlib missing)'}; every number: results.json; "
+          *alarms, "", "Response length and reference KL, per run:", "", *drift_lines(results), "",
+          f"Curves: {curves.name if curves else '(matplotlib missing)'}; every number: results.json; "
           "every response: eval/.", ""]
     (out / "results.md").write_text("\n".join(md))
     print("\n" + table + "\nLoss-hacking alarm, per run:\n" + "\n".join(alarms), flush=True)
     if args.docs:
-        write_docs(Path(args.docs), args.scenario, command, results, table)
+        write_docs(Path(args.docs), args.scenario, command, results, table, curves)
         print(f"[study] wrote {args.docs}", flush=True)
     print(f"[study] outputs: {out.resolve()} (results.md, results.json, curves.png, eval/, seed_*/)", flush=True)
     return 0

@@ -107,6 +107,12 @@ def test_study_end_to_end(tmp_path):
         assert run["alarm"]["fired"] == logged
         line = next(row for row in all_table.splitlines() if row.startswith(f"| {label} |"))
         assert f"| {run['train']['reward']:.3f} |" in line and f"| {int(logged)}/1 |" in line
+        # the length drift is that of metrics.jsonl (max_new_tokens from the run's config)
+        drift, limit = run["drift"], 0.9 * 12
+        assert drift["max_new_tokens"] == 12
+        assert drift["ref_kl_step1"] == rows[0]["ref_kl"]
+        assert drift["steps_at_limit"] == sum(r["response_len"] >= limit for r in rows)
+        assert f"- {label}, seed 1: responses at the {drift['max_new_tokens']}-token limit" in md
     assert "kl_prcp" in metrics["papo_g"][0] and runs["papo_g"]["train"]["kl_prcp"] is not None
     assert runs["grpo"]["train"]["kl_prcp"] is None  # GRPO has no perception term
 
@@ -129,6 +135,8 @@ def test_study_end_to_end(tmp_path):
     text = docs.read_text()
     assert "<!-- study:default -->" in text and "python -m megatron_papo.study --seeds 1" in text
     assert "Loss-hacking alarm" in text and "- papo_g, seed 1:" in text
+    assert "![curves](study_default_curves.png)" in text
+    assert (docs.parent / "study_default_curves.png").read_bytes() == (out / "curves.png").read_bytes()
 
 
 def _rows(path):
