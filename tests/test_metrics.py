@@ -14,9 +14,17 @@ def test_alarm_fires_only_on_the_collapse_signature():
     assert loss_hacking_alarm(stable, cfg) is None
     collapse = _rows([0.01] * 3 + [0.05] * 3, [1.0] * 3 + [1.3] * 3, [1.2] * 3 + [1.6] * 3)
     assert "loss hacking" in loss_hacking_alarm(collapse, cfg)
-    # KL jumps but only one entropy rises: not the PAPO collapse signature
-    one_branch = _rows([0.01] * 3 + [0.05] * 3, [1.0] * 6, [1.2] * 3 + [1.6] * 3)
-    assert loss_hacking_alarm(one_branch, cfg) is None
+    # the collapse of the study here (docs/results.md): the real policy sharpens while the masked
+    # one spreads; the alarm names both entropies' changes
+    sharpening = _rows([0.07] * 3 + [1.0] * 3, [0.15] * 3 + [0.12] * 3, [0.25] * 3 + [1.5] * 3)
+    reason = loss_hacking_alarm(sharpening, cfg)
+    assert "masked entropy rose +500%" in reason and "entropy -20%" in reason, reason
+    # KL grows while the masked entropy holds: the real branch perceives more (what PAPO asks for)
+    perceiving = _rows([0.01] * 3 + [0.05] * 3, [1.0] * 3 + [0.7] * 3, [1.2] * 3 + [1.25] * 3)
+    assert loss_hacking_alarm(perceiving, cfg) is None
+    # both entropies rise but KL_prcp holds: not the perception loss being hacked
+    diffuse = _rows([0.01] * 3 + [0.02] * 3, [1.0] * 3 + [1.3] * 3, [1.2] * 3 + [1.6] * 3)
+    assert loss_hacking_alarm(diffuse, cfg) is None
     # too short a history to judge
     assert loss_hacking_alarm(collapse[:5], cfg) is None
 

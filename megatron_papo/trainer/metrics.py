@@ -30,15 +30,19 @@ class MonitorConfig:
     plots: bool = True                # write PNG curves (needs matplotlib) at the end of a run
     alarm_window: int = 5             # steps in the recent window compared against the earlier baseline
     alarm_kl_factor: float = 3.0      # alarm when recent mean KL_prcp exceeds this factor x the baseline mean
-    alarm_entropy_rise: float = 0.10  # ... while BOTH entropies rose by at least this fraction
+    alarm_entropy_rise: float = 0.10  # ... while the masked policy's entropy rose by at least this fraction
     stop_on_alarm: bool = False       # stop the run (after a checkpoint) when the alarm fires
 
 
 def loss_hacking_alarm(history: list[dict[str, float]], cfg: MonitorConfig) -> str | None:
-    """PAPO's collapse signature (PAPO_SPEC.md): KL_prcp jumps while the entropies of BOTH the real
-    and the masked policy rise. Compares the last `alarm_window` steps with the steps before them.
-    Steps whose values are not finite numbers (a diverged step's NaN, stored as the string "nan")
-    are left out. Returns a human-readable reason, or None."""
+    """PAPO's collapse signature (docs/papo.md "Loss hacking"): KL_prcp jumps while the masked
+    policy's entropy rises, i.e. the model inflates the perception KL by spreading its masked-image
+    distribution (emitting garbage without the image) rather than by sharpening the real one. The
+    real policy's entropy is reported, not required: in the paper it rises too, but in the study's
+    collapse here (docs/results.md) it fell while the masked entropy rose sevenfold, and a KL that
+    grows with a steady masked entropy is what PAPO asks for. Compares the last `alarm_window`
+    steps with the steps before them. Steps whose values are not finite numbers (a diverged
+    step's NaN, stored as the string "nan") are left out. Returns a human-readable reason, or None."""
     w = cfg.alarm_window
     rows = [h for h in history if all(isinstance(h.get(k), (int, float)) and math.isfinite(h[k])
                                       for k in ("kl_prcp", "entropy", "masked_entropy"))]
@@ -48,9 +52,9 @@ def loss_hacking_alarm(history: list[dict[str, float]], cfg: MonitorConfig) -> s
     mean = lambda rs, k: sum(r[k] for r in rs) / len(rs)  # noqa: E731
     kl_base, kl_now = mean(base, "kl_prcp"), mean(recent, "kl_prcp")
     rises = {k: (mean(recent, k) - mean(base, k)) / max(abs(mean(base, k)), 1e-8) for k in ("entropy", "masked_entropy")}
-    if kl_now > cfg.alarm_kl_factor * max(kl_base, 1e-8) and all(r >= cfg.alarm_entropy_rise for r in rises.values()):
+    if kl_now > cfg.alarm_kl_factor * max(kl_base, 1e-8) and rises["masked_entropy"] >= cfg.alarm_entropy_rise:
         return (f"possible loss hacking: KL_prcp {kl_base:.4g} -> {kl_now:.4g} (x{kl_now / max(kl_base, 1e-8):.1f}) "
-                f"while entropy rose {rises['entropy']:+.0%} and masked entropy {rises['masked_entropy']:+.0%} "
+                f"while masked entropy rose {rises['masked_entropy']:+.0%} (entropy {rises['entropy']:+.0%}) "
                 f"(last {cfg.alarm_window} steps vs before); consider lowering gamma or raising eta")
     return None
 
