@@ -9,9 +9,11 @@
   do says so and exits before building the rollout engine;
 - megatron-core's private writer-queue global, which trainer.checkpoint sets, is still there and used.
 """
+import contextlib
 import json
 import os
 import re
+import select
 import shutil
 import signal
 import subprocess
@@ -37,33 +39,67 @@ def _group(pgid: int) -> list[psutil.Process]:
     return members
 
 
-def _run(mode: str, out, extra=()) -> tuple[int, str, list]:
-    """Run the worker in its own process group. Returns (exit code, log, the group's processes still
-    alive 30 s after the worker ended): megatron-core's checkpoint-writer queue manager must exit
-    with a SIGKILLed worker (megatron_papo.lifetime). Whatever is left is killed afterwards."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), PYTHONWARNINGS="ignore")
-    log = out.parent / f"{out.name}-{mode}.log"  # beside `out`, which a run may move aside
-    with open(log, "w") as f:
-        proc = subprocess.Popen([sys.executable, str(REPO / "tests/dist/checkpoint_kill.py"), mode, str(out),
-                                 *extra],
-                                cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+class Jobs:
+    """tests/dist/checkpoint_kill.py's server: each job runs in a forked child (the imports, most of
+    a job's time, are done once per module), in its own process group."""
+
+    def __init__(self):
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), PYTHONWARNINGS="ignore")
+        self.server = subprocess.Popen([sys.executable, str(REPO / "tests/dist/checkpoint_kill.py"), "serve"], cwd=REPO,
+                                       env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                       start_new_session=True)
+
+    def _answer(self, timeout: float) -> dict:
+        ready, _, _ = select.select([self.server.stdout], [], [], timeout)
+        line = self.server.stdout.readline() if ready else ""
+        if not line:
+            raise TimeoutError(f"no answer from the job server in {timeout} s (rc={self.server.poll()})")
+        return json.loads(line)
+
+    def run(self, mode: str, out, extra=()) -> tuple[int, str, list]:
+        """Run a job. Returns (exit code, log, the job's processes still alive 30 s after it ended):
+        megatron-core's checkpoint-writer queue manager must exit with a SIGKILLed job
+        (megatron_papo.lifetime). Whatever is left is killed afterwards."""
+        log = out.parent / f"{out.name}-{mode}.log"  # beside `out`, which a run may move aside
+        self.server.stdin.write(json.dumps({"mode": mode, "out": str(out), "extra": list(extra), "log": str(log)}) + "\n")
+        self.server.stdin.flush()
+        pid = self._answer(60)["pid"]
         try:
-            rc = proc.wait(timeout=300)
-            _, left = psutil.wait_procs(_group(proc.pid), timeout=30)
+            try:
+                rc = self._answer(300)["rc"]
+            except TimeoutError:
+                os.killpg(pid, signal.SIGKILL)
+                raise
+            _, left = psutil.wait_procs(_group(pid), timeout=30)
         finally:
             try:
-                os.killpg(proc.pid, signal.SIGKILL)
+                os.killpg(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-    return rc, log.read_text(), left
+        return rc, log.read_text(), left
+
+    def close(self) -> None:
+        self.server.stdin.close()
+        try:
+            self.server.wait(timeout=30)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.server.pid, signal.SIGKILL)
 
 
-def test_sigkill_during_save_keeps_previous_checkpoint(tmp_path):
+@pytest.fixture(scope="module")
+def jobs():
+    server = Jobs()
+    yield server
+    server.close()
+
+
+def test_sigkill_during_save_keeps_previous_checkpoint(jobs, tmp_path):
     """The saved state is not what a fresh process builds (weights perturbed, Adam moments, scheduler
     steps with a warm-up, data drawn), so the resumed process shows what it loaded: every tensor of
     model, reference, optimizer (moments and lr), scheduler, RNG and the data position, by name."""
     warmup = ["optim.warmup_steps=5"]  # the scheduler's steps change the lr
-    rc, log, left = _run("save", tmp_path, warmup)
+    rc, log, left = jobs.run("save", tmp_path, warmup)
     assert rc == -signal.SIGKILL, log[-4000:]
     assert not left, f"processes outlived the killed worker: {[p.cmdline() for p in left]}"
     ckpts = tmp_path / "checkpoints"
@@ -74,7 +110,7 @@ def test_sigkill_during_save_keeps_previous_checkpoint(tmp_path):
     # `latest` lost too (e.g. a kill between rename and pointer update): the newest complete one wins
     (ckpts / "latest").unlink()
     assert find_resume_checkpoint(CheckpointConfig(save_dir=str(ckpts))) == ckpts / "step_00000001"
-    rc, log, left = _run("load", tmp_path, warmup)
+    rc, log, left = jobs.run("load", tmp_path, warmup)
     assert rc == 0 and not left, log[-4000:]
     assert "resumed step 1 " in log, log[-4000:]
     fresh, saved, loaded = (torch.load(tmp_path / f"state_{s}.pt", weights_only=True) for s in ("fresh", "saved", "loaded"))
@@ -103,12 +139,12 @@ def _assert_no_pickles(step_dir, step: int) -> None:
 
 
 @pytest.mark.parametrize("where", ["objects", "metadata"])
-def test_resume_unpickles_nothing_from_the_checkpoint(tmp_path, where):
+def test_resume_unpickles_nothing_from_the_checkpoint(jobs, tmp_path, where):
     """A checkpoint may come from anyone: resuming from one whose RNG state (or .metadata) is a
     pickle that writes a file must not write it, and must say why it stops."""
-    rc, log, _ = _run(f"poison_{where}", tmp_path)
+    rc, log, _ = jobs.run(f"poison_{where}", tmp_path)
     assert rc == 0 and "poisoned checkpoint written" in log, log[-4000:]
-    rc, log, _ = _run("load", tmp_path)
+    rc, log, _ = jobs.run("load", tmp_path)
     assert not (tmp_path / "pwned").exists(), "resuming ran code from the checkpoint"
     assert rc != 0 and "not loaded" in log, log[-4000:]
 
@@ -121,16 +157,16 @@ def _cli(out, extra=(), timeout=900) -> subprocess.CompletedProcess:
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def test_resume_with_another_objective_is_refused_naming_the_keys(tmp_path):
-    rc, log, _ = _run("step1", tmp_path)  # preset papo_h (the default)
-    assert rc == 0, log[-4000:]
-    step1 = tmp_path / "checkpoints" / "step_00000001"
-    run = _cli(tmp_path, ["preset=dapo", "steps=2"])
+def test_resume_with_another_objective_is_refused_naming_the_keys(step1_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(step1_run, out)  # preset papo_h (the default)
+    step1 = out / "checkpoints" / "step_00000001"
+    run = _cli(out, ["preset=dapo", "steps=2"])
     assert run.returncode == 2, f"rc={run.returncode}\n{(run.stdout + run.stderr)[-4000:]}"
     error = run.stderr.strip().splitlines()
     assert len(error) == 1 and "Traceback" not in run.stderr, run.stderr[-4000:]
     assert error[0].startswith("error: ") and "preset: papo_h -> dapo" in error[0] and "algo.beta" in error[0], error
-    assert not (tmp_path / "checkpoints" / "step_00000002").exists() and not (tmp_path / "rollout_model").exists()
+    assert not (out / "checkpoints" / "step_00000002").exists() and not (out / "rollout_model").exists()
     import yaml
     assert yaml.safe_load((step1 / "run_config.yaml").read_text())["preset"] == "papo_h"
 
@@ -150,7 +186,7 @@ def _tensors(step_dir) -> dict[str, torch.Tensor]:
     return {k: dest for k, (_, _, dest) in requests.items()}
 
 
-def test_checkpoint_resumes_at_another_layout(tmp_path):
+def test_checkpoint_resumes_at_another_layout(jobs, tmp_path):
     """TP1 -> TP2 -> PP2: weights and Adam moments carry over exactly. Megatron pads the vocabulary
     to a multiple of 128 x TP: with 1100 tokens the embedding and output layer have 1152 rows at TP1
     and 1280 at TP2, so the resharded load must fit them too."""
@@ -165,7 +201,7 @@ def test_checkpoint_resumes_at_another_layout(tmp_path):
     save_tiny_tokenizer(hf)
     Qwen2VLImageProcessor(min_pixels=3136, max_pixels=12544).save_pretrained(hf)
     out = tmp_path / "run"
-    rc, log, _ = _run("optim", out, [f"model.hf_dir={hf}"])
+    rc, log, _ = jobs.run("optim", out, [f"model.hf_dir={hf}"])
     assert rc == 0, log[-4000:]
     log = run_distributed("tests/dist/checkpoint_kill.py", 2, ["load_save", out, f"model.hf_dir={hf}", "parallel.tp=2"])
     assert log.count("resumed step 1 ") == 2, log[-4000:]
@@ -187,17 +223,25 @@ def test_checkpoint_resumes_at_another_layout(tmp_path):
             assert torch.equal(a, b), (step, key)
 
 
-def _old_run(out) -> list[str]:
-    """A finished run in `out`: checkpoint step_00000001 and 7 metrics rows. Returns what it holds."""
-    rc, log, _ = _run("step1", out)
+@pytest.fixture(scope="module")
+def step1_run(jobs, tmp_path_factory):
+    """A run folder holding checkpoint step_00000001 (copied by the tests that start from one)."""
+    out = tmp_path_factory.mktemp("step1") / "run"
+    rc, log, _ = jobs.run("step1", out)
     assert rc == 0, log[-4000:]
+    return out
+
+
+def _old_run(step1_run, out) -> list[str]:
+    """A finished run in `out`: checkpoint step_00000001 and 7 metrics rows. Returns what it holds."""
+    shutil.copytree(step1_run, out)
     (out / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "reward": 0.5}) + "\n" for s in range(1, 8)))
     return sorted(str(p.relative_to(out)) for p in out.rglob("*"))
 
 
-def test_fresh_run_into_a_folder_holding_another_run_is_refused(tmp_path):
+def test_fresh_run_into_a_folder_holding_another_run_is_refused(step1_run, tmp_path):
     out = tmp_path / "run"
-    before = _old_run(out)
+    before = _old_run(step1_run, out)
     run = _cli(out, ["steps=1", "checkpoint.resume=none"])
     assert run.returncode == 2, f"rc={run.returncode}\n{(run.stdout + run.stderr)[-4000:]}"
     error = run.stderr.strip().splitlines()
@@ -207,10 +251,10 @@ def test_fresh_run_into_a_folder_holding_another_run_is_refused(tmp_path):
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 7
 
 
-def test_fresh_run_can_move_the_other_run_aside(tmp_path):
+def test_fresh_run_can_move_the_other_run_aside(jobs, step1_run, tmp_path):
     out = tmp_path / "run"
-    before = _old_run(out)
-    rc, log, _ = _run("preflight", out, ["checkpoint.resume=none", "checkpoint.on_existing_run=move"])
+    before = _old_run(step1_run, out)
+    rc, log, _ = jobs.run("preflight", out, ["checkpoint.resume=none", "checkpoint.on_existing_run=move"])
     assert rc == 0 and "resume from: None" in log, log[-4000:]
     aside = tmp_path / "run.previous_1"
     assert f"moved {out} to {aside}" in log, log[-4000:]
@@ -218,51 +262,51 @@ def test_fresh_run_can_move_the_other_run_aside(tmp_path):
     assert sorted(str(p.relative_to(aside)) for p in aside.rglob("*")) == before
 
 
-def test_resume_never_mixes_with_other_checkpoints(tmp_path):
+def test_resume_never_mixes_with_other_checkpoints(jobs, step1_run, tmp_path):
     """An older checkpoint beside newer ones, or another folder's checkpoint into a folder holding a
     run: either resume would interleave two runs."""
     out = tmp_path / "run"
-    _old_run(out)
+    _old_run(step1_run, out)
     mine = out / "checkpoints" / "step_00000001"
     shutil.copytree(mine, out / "checkpoints" / "step_00000003")
-    rc, log, _ = _run("preflight", out, [f"checkpoint.resume={mine}"])
+    rc, log, _ = jobs.run("preflight", out, [f"checkpoint.resume={mine}"])
     assert rc != 0 and "also holds newer checkpoints (step_00000003)" in log, log[-4000:]
     elsewhere = tmp_path / "elsewhere" / "step_00000001"
     elsewhere.parent.mkdir()
     (out / "checkpoints" / "step_00000003").rename(elsewhere)
-    rc, log, _ = _run("preflight", out, [f"checkpoint.resume={elsewhere}", "checkpoint.on_existing_run=move"])
+    rc, log, _ = jobs.run("preflight", out, [f"checkpoint.resume={elsewhere}", "checkpoint.on_existing_run=move"])
     assert rc != 0 and "belong to another run" in log and "on_existing_run=move to" not in log, log[-4000:]
-    rc, log, _ = _run("preflight", tmp_path / "new", [f"checkpoint.resume={elsewhere}"])
+    rc, log, _ = jobs.run("preflight", tmp_path / "new", [f"checkpoint.resume={elsewhere}"])
     assert rc == 0 and f"resume from: {elsewhere}" in log, log[-4000:]
 
 
-def test_a_training_checkpoint_starts_a_new_run(tmp_path):
+def test_a_training_checkpoint_starts_a_new_run(jobs, tmp_path):
     """model.load=<step dir>: what the refusal of another objective points to (a new run from the
     trained weights); training checkpoints leave out megatron's `_extra_state` objects."""
-    rc, log, _ = _run("optim", tmp_path / "a")  # the optimizer step moves the weights off the seeded init
+    rc, log, _ = jobs.run("optim", tmp_path / "a")  # the optimizer step moves the weights off the seeded init
     assert rc == 0, log[-4000:]
     checksum = re.search(r"saved step 1 checksum=(\S+)", log).group(1)
-    rc, log, _ = _run("load", tmp_path / "b", [f"model.load={tmp_path / 'a' / 'checkpoints' / 'step_00000001'}",
+    rc, log, _ = jobs.run("load", tmp_path / "b", [f"model.load={tmp_path / 'a' / 'checkpoints' / 'step_00000001'}",
                                              "preset=dapo"])
     assert rc == 0 and f"resumed step 0 checksum={checksum}" in log, log[-4000:]
 
 
-def test_kill_while_pruning_leaves_no_folder_behind(tmp_path):
-    rc, log, _ = _run("prune", tmp_path, ["checkpoint.keep_last=1"])
+def test_kill_while_pruning_leaves_no_folder_behind(jobs, tmp_path):
+    rc, log, _ = jobs.run("prune", tmp_path, ["checkpoint.keep_last=1"])
     assert rc == -signal.SIGKILL, log[-4000:]
-    rc, log, _ = _run("load_save", tmp_path, ["checkpoint.keep_last=1"])
+    rc, log, _ = jobs.run("load_save", tmp_path, ["checkpoint.keep_last=1"])
     assert rc == 0 and "resumed step 3 " in log, log[-4000:]
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step_00000004"]
 
 
-def test_resume_with_nothing_left_to_do_exits_before_the_engine(tmp_path):
-    rc, log, _ = _run("step1", tmp_path)
-    assert rc == 0, log[-4000:]
+def test_resume_with_nothing_left_to_do_exits_before_the_engine(step1_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(step1_run, out)
     # the options a resumed run may change do not stop it
-    run = _cli(tmp_path, ["steps=1", "checkpoint.keep_last=3", "checkpoint.save_interval=5", "monitor.alarm_window=3"])
+    run = _cli(out, ["steps=1", "checkpoint.keep_last=3", "checkpoint.save_interval=5", "monitor.alarm_window=3"])
     assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
     assert "nothing to do: checkpoint at step 1 >= steps=1" in run.stdout, (run.stdout + run.stderr)[-4000:]
-    assert not (tmp_path / "rollout_model").exists(), "the rollout engine was built"
+    assert not (out / "rollout_model").exists(), "the rollout engine was built"
 
 
 def test_megatron_core_writer_queue_is_the_global_we_set(monkeypatch):

@@ -1,5 +1,13 @@
 """Worker for tests/test_checkpoint.py: `python checkpoint_kill.py MODE OUT [key=value ...]` builds the
-trainer (tiny model, no rollout engine) with the overrides and:
+trainer (tiny model, no rollout engine) with the overrides and runs MODE (below).
+
+`python checkpoint_kill.py serve` does the imports once, then reads one job per stdin line
+({"mode", "out", "extra", "log"}) and runs each in a forked child of its own: the child starts a
+new process group, writes its output to "log" and ends as the job ends (SIGKILLed where the mode
+says so). The server answers {"pid": <child>} as the child starts and {"rc": <exit status>} when it
+has ended, negative for a signal as in subprocess. The imports are most of a job's time.
+
+Modes:
 
     save             a complete checkpoint of step 1 of a trainer moved off its seeded start (weights of
                      policy and reference perturbed, one optimizer step, three scheduler steps, 3 prompts
@@ -179,5 +187,38 @@ def main(mode: str, out: str, extra: list[str]) -> None:
         t._save()
 
 
+def serve() -> None:
+    import megatron.core.dist_checkpointing  # noqa: F401  the imports every job needs, done once
+
+    import megatron_papo.train  # noqa: F401
+    import megatron_papo.trainer.loop  # noqa: F401
+
+    for line in sys.stdin:
+        job = json.loads(line)
+        pid = os.fork()
+        if pid == 0:  # the job: its own group (the test checks what outlives it), its own output
+            os.setpgid(0, 0)
+            fd = os.open(job["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+            code = 0
+            try:
+                main(job["mode"], job["out"], job["extra"])
+            except BaseException:
+                import traceback
+                traceback.print_exc()
+                code = 1
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        print(json.dumps({"pid": pid}), flush=True)
+        status = os.waitpid(pid, 0)[1]
+        print(json.dumps({"rc": -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)}),
+              flush=True)
+
+
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], sys.argv[3:])
+    if sys.argv[1] == "serve":
+        serve()
+    else:
+        main(sys.argv[1], sys.argv[2], sys.argv[3:])
