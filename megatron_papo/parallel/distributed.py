@@ -27,8 +27,11 @@ def initialize_model_parallel(tp: int = 1, pp: int = 1, seed: int = 1234, backen
         rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
         if not on_cpu:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        # a single rank needs no TCP store: a port picked free here can be taken (by another job's
+        # connection) before the store listens on it, which failed runs started side by side
+        store = dist.HashStore() if world == 1 else None
         dist.init_process_group(backend or ("gloo" if on_cpu else "nccl"), rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=timeout_s))
+                                timeout=datetime.timedelta(seconds=timeout_s), store=store)
     world = dist.get_world_size()
     if world % (tp * pp):
         raise ValueError(f"world size {world} is not divisible by tp*pp = {tp}*{pp}")
