@@ -38,7 +38,7 @@ def run_distributed(script: str, nproc: int, args=(), timeout: float = 300, env=
     cmd = [
         sys.executable, "-m", "torch.distributed.run",
         "--nproc-per-node", str(nproc),
-        "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
+        "--standalone",  # the rendezvous store binds a free port itself: no port picked here to lose to a race
         str(script_path), *map(str, args),
     ]
     full_env = dict(os.environ)

