@@ -20,7 +20,7 @@ $(VENV)/.installed: requirements.lock setup.py $(wildcard csrc/*.cpp)
 venv: $(VENV)/.installed
 
 test: venv
-	OMP_NUM_THREADS=1 $(PY) -m pytest tests -n 2 --dist loadscope --no-loadscope-reorder
+	OMP_NUM_THREADS=1 $(PY) -m pytest tests -n 2 --dist loadscope
 
 lint: venv
 	$(VENV)/bin/ruff check .

@@ -15,19 +15,7 @@ MARKS = {
 }
 
 
-# `make test` runs 2 workers, each taking a whole module at a time (pytest-xdist --dist loadscope:
-# a module's fixtures are built once) in this order (--no-loadscope-reorder: xdist would otherwise
-# start with the modules of most tests); the longest modules go first so that neither worker is
-# left with one of them at the end. Within a module the order is the file's.
-LONGEST_FIRST = ["test_train", "test_launchers", "test_conversion", "test_rollout_sync", "test_checkpoint", "test_study"]
-
-
 def pytest_collection_modifyitems(items):
-    def rank(item):
-        module = item.module.__name__.rpartition(".")[2]
-        return LONGEST_FIRST.index(module) if module in LONGEST_FIRST else len(LONGEST_FIRST)
-
-    items.sort(key=rank)  # stable
     for item in items:
         module = item.module.__name__.rpartition(".")[2]
         for mark, modules in MARKS.items():
