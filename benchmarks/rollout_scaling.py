@@ -106,9 +106,7 @@ def launch(args, nproc: int, rollout_tp: int, out: Path) -> dict:
     if nproc == 1:
         cmd = [sys.executable, *job]
     else:
-        from tests.distributed import free_port
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",
-               "127.0.0.1", "--master-port", str(free_port()), *job]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--standalone", *job]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     if proc.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{(proc.stdout + proc.stderr)[-5000:]}")

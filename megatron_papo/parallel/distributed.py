@@ -22,13 +22,14 @@ def initialize_model_parallel(tp: int = 1, pp: int = 1, seed: int = 1234, backen
 
     on_cpu = apply_cpu_remedies()
     if not dist.is_initialized():
+        # kept set for a single rank too: the vLLM engine names its shared memory after them
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
         rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
         if not on_cpu:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        # a single rank needs no TCP store: a port picked free here can be taken (by another job's
-        # connection) before the store listens on it, which failed runs started side by side
+        # a single rank needs no TCP store: the port picked above can be taken (by another job's
+        # connection) before a store listens on it, which failed runs started side by side
         store = dist.HashStore() if world == 1 else None
         dist.init_process_group(backend or ("gloo" if on_cpu else "nccl"), rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=timeout_s), store=store)
