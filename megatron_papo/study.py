@@ -105,7 +105,8 @@ def plan(args) -> tuple[dict[int, Run], list[Run]]:
 def common_overrides(args, seed: int) -> list[str]:
     """Every run of a seed: the user's --set, then what the study fixes (after, so it wins)."""
     levels = "[" + ",".join(map(str, args.levels)) + "]" if args.levels else None
-    return [*args.set, f"seed={seed}", f"synthetic.seed={seed}", f"steps={args.steps}",
+    # validation.problems=0: the study evaluates every checkpoint itself, on its own held-out split
+    return [*args.set, f"seed={seed}", f"synthetic.seed={seed}", f"steps={args.steps}", "validation.problems=0",
             *([f"synthetic.levels={levels}"] if levels else [])]
 
 
@@ -503,6 +504,7 @@ def parse_args(argv):
 def resolve(args) -> None:
     """Defaults from the scenario and the config; the checks a run would only fail later."""
     from megatron_papo.train import resolve_config
+    from megatron_papo.trainer.config import sft_seed
 
     args.presets = args.presets or list(SCENARIOS[args.scenario])
     if args.scenario == "collapse" and args.gamma is None:
@@ -530,9 +532,11 @@ def resolve(args) -> None:
     args.smoke = f"SMOKE RUN, NOT A RESULT (reduced: {'; '.join(reduced)})" if reduced else ""
     args.levels = args.levels or list(cfg.synthetic.levels)
     args.eval_levels = args.eval_levels or args.levels
-    for s in args.seeds:  # the RL stream draws from synthetic.seed=s, the warm-up from s + 1_000_003 (setup.py)
-        if args.eval_seed in (s, s + 1_000_003):
+    for s in args.seeds:  # the RL stream draws from synthetic.seed=s, the warm-up from sft_seed(s)
+        if args.eval_seed in (s, sft_seed(s)):
             raise StudyError(f"--eval-seed {args.eval_seed} is a seed training draws from (seed {s}): pick another")
+    if args.eval_seed == cfg.validation.seed:  # what the demo's settings were chosen on
+        raise StudyError(f"--eval-seed {args.eval_seed} is the config's validation.seed: pick another")
     if len(set(args.seeds)) != len(args.seeds) or len(set(args.presets)) != len(args.presets):
         raise StudyError("--seeds and --presets must not repeat")
     for preset in args.presets:

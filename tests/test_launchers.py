@@ -187,16 +187,38 @@ def test_sbatch_starts_one_launcher_per_node_and_requeues_on_usr1(tiny):
 
 def test_demo_script_at_tiny_size(tmp_path):
     """`make demo` = `bash examples/papo_tiny.sh` with its usage line's NPROC=2 (two data-parallel
-    ranks, two engines), the shipped papo_tiny.yaml and sizes cut to seconds: warm-up, RL, outputs."""
+    ranks, two engines), the shipped papo_tiny.yaml and sizes cut to seconds: warm-up, RL, outputs,
+    and the validation before and after RL, whose final figure `megatron_papo.eval` reproduces from
+    the last checkpoint with one engine (a separate route: HF conversion, its own engine)."""
     out = tmp_path / "demo"
     proc = subprocess.run(["bash", "examples/papo_tiny.sh", f"output_dir={out}", "steps=2", "sft_steps=2",
                            "sft_batch_size=4", "rollout_batch_size=4", "global_batch_size=4",
+                           "validation.problems=5", "validation.k=3",
                            "monitor.tensorboard=false"], cwd=REPO, env={**_env(), "NPROC": "2",
                                                                         "PY": sys.executable},
                           capture_output=True, text=True, timeout=600)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-6000:]
-    assert [r["step"] for r in _metrics(out)] == [1, 2]
+    rows = _metrics(out)
+    assert [r["step"] for r in rows] == [0, 1, 2] and set(rows[0]) == {"step", "val/accuracy", "val/pass_at_k"}
+    assert "val/accuracy" not in rows[1] and "time/validate" in rows[2]  # before RL and at the end only
     assert (out / "curves.png").stat().st_size > 10_000 and _latest(out) == 2
     assert f"outputs: {out.resolve()}" in log
-    assert sum(line.startswith("step ") for line in proc.stdout.splitlines()) == 2  # one line per step
+    assert sum(line.startswith("step ") for line in proc.stdout.splitlines()) == 3  # one line per step, and step 0
+    before, after = (json.loads((out / "validation" / f"step_{s:08d}.json").read_text()) for s in (0, 2))
+    assert len(after["per_problem"]) == 5 and after["accuracy"] == rows[2]["val/accuracy"]
+    assert (f"before RL (step 0) avg@3 {before['accuracy']:.3f}" in proc.stdout
+            and f"after step 2 avg@3 {after['accuracy']:.3f}" in proc.stdout), proc.stdout[-3000:]
+    from megatron_papo.train import resolve_config
+
+    cfg = resolve_config(str(REPO / "examples/configs/papo_tiny.yaml"), [])  # what the demo ran with
+    seed = str(cfg.validation.seed)
+    evaluated = subprocess.run(
+        [sys.executable, "-m", "megatron_papo.eval", "--ckpt", str(out / "checkpoints" / "step_00000002"),
+         "--limit", "5", "--k", "3", "--synthetic-seed", seed, "--seed", seed,
+         "--synthetic-levels", ",".join(map(str, cfg.synthetic.levels)),
+         "--synthetic-image-size", str(cfg.synthetic.image_size), "--dtype", "float32",
+         "--max-new-tokens", str(cfg.rollout.max_new_tokens), "--top-p", str(cfg.rollout.top_p)],
+        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+    assert evaluated.returncode == 0, (evaluated.stdout + evaluated.stderr)[-3000:]
+    assert f"avg@3={after['accuracy']:.4f} pass@3={after['pass_at_k']:.4f}" in evaluated.stdout, evaluated.stdout

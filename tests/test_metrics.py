@@ -1,7 +1,9 @@
 """Metrics: jsonl rows, resume truncation, the loss-hacking alarm, and the PNG curves."""
 import json
 
-from megatron_papo.trainer.metrics import MetricsLogger, MonitorConfig, format_line, loss_hacking_alarm
+import numpy as np
+
+from megatron_papo.trainer.metrics import MetricsLogger, MonitorConfig, format_line, loss_hacking_alarm, validation_comparison
 
 
 def _rows(kl, ent, ent_m):
@@ -32,18 +34,22 @@ def test_alarm_fires_only_on_the_collapse_signature():
 def test_logger_writes_jsonl_plots_and_truncates_on_resume(tmp_path, capsys):
     cfg = MonitorConfig(tensorboard=True, plots=True, alarm_window=2)
     log = MetricsLogger(tmp_path, cfg)
+    log.log(0, {"val/accuracy": 0.25})  # the validation before RL
     for step in range(1, 6):
         log.log(step, {"reward": 0.1 * step, "accuracy": 0.05 * step, "kl_prcp": 0.01, "entropy": 1.0,
                        "masked_entropy": 1.1}, {"rollout": 1.5, "train": 2.0})
     files = log.close()
     assert [f.name for f in files] == ["curves.png"] and files[0].stat().st_size > 1000
     rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5] and rows[2]["reward"] == 0.3 and rows[0]["time/train"] == 2.0
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4, 5] and rows[3]["reward"] == 0.3 and rows[1]["time/train"] == 2.0
     assert "step     5 | reward 0.5" in capsys.readouterr().out
     assert any((tmp_path / "tensorboard").iterdir())
     # resuming from the checkpoint of step 3 drops the rows of steps 4-5 (they will be redone)
     MetricsLogger(tmp_path, cfg, resume_step=3).close()
-    assert [json.loads(l)["step"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert [json.loads(l)["step"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2, 3]
+    # from the step-0 checkpoint every row goes: step 0's validation is redone after it
+    MetricsLogger(tmp_path, cfg, resume_step=0).close()
+    assert (tmp_path / "metrics.jsonl").read_text() == ""
 
 
 def test_disabled_logger_writes_nothing(tmp_path):
@@ -54,3 +60,18 @@ def test_disabled_logger_writes_nothing(tmp_path):
 def test_format_line_orders_known_keys():
     line = format_line(7, {"accuracy": 0.5, "reward": 0.25, "other": 3}, {"rollout": 2.0})
     assert line.startswith("step     7 | reward 0.25 | acc 0.5") and line.endswith("time rollout 2.0s")
+
+
+def test_validation_comparison_is_the_paired_difference_with_its_standard_error():
+    rng = np.random.default_rng(0)
+    before = rng.integers(0, 5, 40) / 4
+    after = np.clip(before + rng.integers(-1, 3, 40) / 4, 0, 1)
+    row = lambda step, acc: {"step": step, "problems": 40, "k": 4, "seed": 777, "accuracy": acc.mean(),  # noqa: E731
+                             "pass_at_k": (acc > 0).mean(), "per_problem": acc.tolist()}
+    d = after - before
+    se = d.std(ddof=1) / np.sqrt(len(d))  # the textbook paired standard error, computed independently
+    line = validation_comparison(row(0, before), row(50, after))
+    assert f"change {d.mean():+.3f} +- {se:.3f}" in line and "above the noise" in line, line
+    assert f"avg@4 {before.mean():.3f}" in line and f"step 50 avg@4 {after.mean():.3f}" in line
+    assert "within the noise" in validation_comparison(row(0, before), row(50, before[::-1].copy()))
+    assert "no step-0 validation" in validation_comparison(None, row(50, after))

@@ -19,7 +19,7 @@ from megatron_papo.models.qwen2_5_vl.hf_io import HFReader, load_hf_weights, rea
 from megatron_papo.models.qwen2_5_vl.model import ModelParallelOptions, build_model
 from megatron_papo.parallel.context import ParallelContext
 from megatron_papo.rollout.engine import RolloutRequest, SamplingConfig
-from megatron_papo.trainer.config import TrainConfig
+from megatron_papo.trainer.config import TrainConfig, sft_seed
 
 
 # ------------------------------------------------------------------ models
@@ -163,8 +163,8 @@ def build_optimizer(cfg: TrainConfig, policy: list, lr: float):
 
 # ------------------------------------------------------------------ data
 class DataSource:
-    """RL prompts (synthetic task or a PAPO data file) and, for the warm-up, synthetic SFT samples;
-    both resumable through state_dict."""
+    """RL prompts (synthetic task or a PAPO data file) and, for the warm-up, synthetic SFT samples,
+    both resumable through state_dict; and the validation split's problems (synthetic task)."""
 
     def __init__(self, cfg: TrainConfig):
         if cfg.data.path:
@@ -174,9 +174,11 @@ class DataSource:
         else:
             self.rl = ResumableIterator(SyntheticShapes(cfg.synthetic), seed=cfg.synthetic.seed)
             self.max_images_per_prompt = 1
-        # Warm-up samples come from a disjoint seed of the same task, so RL prompts are new to the model.
-        sft = SyntheticConfig(**{**cfg.synthetic.__dict__, "seed": cfg.synthetic.seed + 1_000_003})
+        sft = SyntheticConfig(**{**cfg.synthetic.__dict__, "seed": sft_seed(cfg.synthetic.seed)})
         self.sft = ResumableIterator(SyntheticShapes(sft), seed=sft.seed)
+        v = cfg.validation
+        split = SyntheticShapes(SyntheticConfig(**{**cfg.synthetic.__dict__, "seed": v.seed}))
+        self.validation = [split[i] for i in range(v.problems)]  # the same problems at every validation
 
     def skip_metrics(self) -> dict:
         """Bad rows of the data file so far (data/skipped_rows, data/skipped/<reason>)."""

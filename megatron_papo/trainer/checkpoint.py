@@ -53,7 +53,7 @@ RUN_CONFIG = "run_config.yaml"    # the run's resolved config, compared with the
 # and how often it writes, what it reports, memory knobs), or megatron's distributed checkpoint
 # reshards them (TP and PP sizes; DP follows the world size), or the responses do not depend on them
 # (rollout.tp: seeds follow the global prompt index). A section name allows all its options.
-CHANGEABLE_ON_RESUME = {"steps", "output_dir", "checkpoint", "monitor", "parallel.tp", "parallel.pp",
+CHANGEABLE_ON_RESUME = {"steps", "output_dir", "checkpoint", "monitor", "validation", "parallel.tp", "parallel.pp",
                         "parallel.sequence_parallel", "parallel.recompute", "model.ref_offload",
                         "rollout.gpu_memory_utilization", "rollout.bucket_mb", "rollout.tp", "rollout.dump"}
 

@@ -16,6 +16,11 @@ from megatron_papo.trainer.checkpoint import CheckpointConfig
 from megatron_papo.trainer.metrics import MonitorConfig
 
 
+def sft_seed(synthetic_seed: int) -> int:
+    """The warm-up's synthetic seed: disjoint from the RL prompts', so RL prompts are new to the model."""
+    return synthetic_seed + 1_000_003
+
+
 @dataclass
 class ModelConfig:
     flavor: str = "tiny"            # architecture from the flavor registry (ignored when hf_dir is set)
@@ -63,6 +68,19 @@ class OptimConfig:
 
 
 @dataclass
+class ValidationConfig:
+    """Held-out accuracy during a run: the engines answer the synthetic task's split at `seed` with the
+    rollout's sampling (temperature, top_p, max_new_tokens), sample seeds from `seed` as
+    `megatron_papo.eval --seed` draws them, so that tool reproduces a checkpoint's figure."""
+    problems: int = 0               # held-out synthetic problems scored by the rollout engines before RL (the
+                                    # SFT checkpoint) and after the last step; 0 = no validation
+    k: int = 4                      # responses per problem: avg@k (mean accuracy) and pass@k
+    seed: int = 777                 # synthetic seed of the validation split: never a training or warm-up seed
+                                    # (checked), and not a seed the study evaluates on (its --eval-seed)
+    interval: int = 0               # also after every this many RL steps (0: before RL and at the end only)
+
+
+@dataclass
 class TrainConfig:
     output_dir: str = "outputs/run"  # metrics, plots, tensorboard, checkpoints, vLLM's HF folder
     seed: int = 1                    # every random choice of the run (data order, masks, sampling)
@@ -92,6 +110,7 @@ class TrainConfig:
     mask: MaskConfig = field(default_factory=MaskConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
 
     def validate(self) -> "TrainConfig":
         """Cross-field checks, run once the whole config is read (fields are set one by one)."""
@@ -122,6 +141,16 @@ class TrainConfig:
             raise ValueError(f"micro_batch_tokens must be >= 0 (0 = micro_batch_size sequences), got {self.micro_batch_tokens}")
         if self.parallel.sequence_parallel and self.parallel.tp == 1:
             raise ValueError("parallel.sequence_parallel=true needs parallel.tp > 1")
+        v = self.validation
+        if v.problems < 0 or v.k < 1 or v.interval < 0:
+            raise ValueError(f"validation: problems >= 0, k >= 1 and interval >= 0 expected, got problems={v.problems}, "
+                             f"k={v.k}, interval={v.interval}")
+        if v.problems and self.data.path:
+            raise ValueError(f"validation.problems={v.problems}: validation scores the synthetic task's split, but "
+                             f"data.path={self.data.path!r} trains on a data file; set validation.problems=0")
+        if v.problems and v.seed in (self.synthetic.seed, sft_seed(self.synthetic.seed)):
+            raise ValueError(f"validation.seed={v.seed} is a seed the run trains on (synthetic.seed={self.synthetic.seed}, "
+                             f"warm-up seed {sft_seed(self.synthetic.seed)}): choose another")
         if self.sft_steps and self.data.path:
             raise ValueError("sft_steps > 0 warms up on the synthetic task's targets; set sft_steps=0 with data.path")
         return self

@@ -25,9 +25,11 @@ from megatron_papo.algos.advantages import dynamic_sampling_keep, fill_with_info
 from megatron_papo.algos.losses import papo_loss, papo_loss_from_logits
 from megatron_papo.data.processor import VLProcessor
 from megatron_papo.data.rewards import get_reward_fn
+from megatron_papo.folders import write_text_atomic
 from megatron_papo.ops.vocab_parallel import vocab_parallel_logprob
 from megatron_papo.parallel.context import ParallelContext
 from megatron_papo.progress import Progress
+from megatron_papo.rollout.engine import SamplingConfig
 from megatron_papo.trainer import checkpoint as ckpt
 from megatron_papo.trainer.batch import Experience, collate, make_micro_batches, split_response_values
 from megatron_papo.trainer.build import (
@@ -40,7 +42,7 @@ from megatron_papo.trainer.build import (
     sync_weights,
 )
 from megatron_papo.trainer.config import TrainConfig
-from megatron_papo.trainer.metrics import MetricsLogger
+from megatron_papo.trainer.metrics import MetricsLogger, validation_comparison
 from megatron_papo.trainer.pipeline import run_micro_batches
 
 
@@ -85,10 +87,17 @@ class Trainer:
             self.optimizer.reload_model_params()
             self._save()  # step 0: a killed run never redoes the warm-up
         sync_weights(self.models, self.engine, self.weight_sync)
+        validating = cfg.validation.problems > 0
+        if validating and self.state.step == 0:  # the starting point RL is judged against
+            self.metrics.log(0, self.validate(0))
         alarm = None
         while self.state.step < cfg.steps:
             self.state.step += 1
             metrics, phases = self.rl_step(self.state.step)
+            if validating and (self.state.step == cfg.steps or (
+                    cfg.validation.interval and self.state.step % cfg.validation.interval == 0)):
+                with _timed(phases, "validate"):
+                    metrics |= self.validate(self.state.step)
             alarm = self.metrics.log(self.state.step, metrics, phases)  # rank 0 watches the alarm
             stop_for_alarm = _agreed(alarm is not None and cfg.monitor.stop_on_alarm)  # every rank stops with it
             stop = self.preemption.should_stop() or stop_for_alarm
@@ -103,6 +112,10 @@ class Trainer:
         plots = self.metrics.close()
         if self.engine is not None:
             self.engine.close()
+        before, after = (self.out / "validation" / f"step_{s:08d}.json" for s in (0, self.state.step))
+        if self.rank == 0 and validating and self.state.step == cfg.steps and after.is_file():
+            print(validation_comparison(json.loads(before.read_text()) if before.is_file() else None,
+                                        json.loads(after.read_text())), flush=True)
         if self.rank == 0:
             print(f"outputs: {self.out.resolve()} (metrics.jsonl, tensorboard/, checkpoints/"
                   + (f", {plots[0].name}" if plots else "") + ")", flush=True)
@@ -177,7 +190,7 @@ class Trainer:
             if len(enc.input_ids) > cfg.rollout.max_prompt_tokens:
                 raise ValueError(f"sample {s.sample_id}: prompt of {len(enc.input_ids)} tokens (image tokens included) "
                                  f"exceeds rollout.max_prompt_tokens={cfg.rollout.max_prompt_tokens}")
-        responses = self._generate_and_grade(samples, step * 1000 + attempt)
+        responses = self._generate_and_grade(samples, self.models.sampling(cfg), step * 1000 + attempt)
         groups = []
         for gi, (s, enc, outs) in enumerate(zip(samples, encoded, responses)):
             group = []
@@ -193,7 +206,7 @@ class Trainer:
             groups.append(group)
         return groups
 
-    def _generate_and_grade(self, samples, seed_step: int) -> list[list[tuple]]:
+    def _generate_and_grade(self, samples, sampling: SamplingConfig, seed_step: int) -> list[list[tuple]]:
         """[prompt][k] = (prompt ids, response ids, log-probs, finish reason, reward), on every rank.
         Seeds follow the global prompt index, so the responses do not depend on the engine count."""
         topology = self.ctx.rollout
@@ -202,7 +215,7 @@ class Trainer:
         self.engine.wake_up()
         if len(mine):  # all ranks of an engine skip together
             outputs = self.engine.generate(rollout_requests(self.processor, [samples[i] for i in mine]),
-                                           self.models.sampling(self.cfg), step=seed_step, prompt_indices=list(mine))
+                                           sampling, step=seed_step, prompt_indices=list(mine))
         self.engine.sleep()  # GPU: free the engine's memory for the log-prob passes and the update
         graded = []
         responses = [(i, k, o) for i, outs in zip(mine, outputs) for k, o in enumerate(outs)]
@@ -213,7 +226,7 @@ class Trainer:
                                   reward)))
         everyone = [None] * topology.world
         dist.all_gather_object(everyone, graded)
-        result = [[None] * self.cfg.rollout.n for _ in samples]
+        result = [[None] * sampling.n for _ in samples]
         for i, k, value in (g for part in everyone for g in part):
             result[i][k] = value
         return result
@@ -334,6 +347,22 @@ class Trainer:
         _, grad_norm, _ = optimizer.step()
         scheduler.step(increment=1)
         return outs, grad_norm
+
+    def validate(self, step: int) -> dict:
+        """avg@k and pass@k of the engines' weights on the validation split (ValidationConfig). Rank 0
+        writes each problem's accuracy to validation/step_<N>.json, which the end of the run compares
+        with step 0's, problem by problem."""
+        v = self.cfg.validation
+        sampling = dataclasses.replace(self.models.sampling(self.cfg), n=v.k, seed=v.seed)
+        graded = self._generate_and_grade(self.data.validation, sampling, seed_step=0)  # seeds as eval's
+        per_problem = [_mean(out[4].accuracy for out in outs) for outs in graded]
+        result = {"step": step, "problems": v.problems, "k": v.k, "seed": v.seed, "accuracy": _mean(per_problem),
+                  "pass_at_k": _mean(any(out[4].accuracy > 0 for out in outs) for outs in graded),
+                  "per_problem": per_problem}
+        if self.rank == 0:
+            (self.out / "validation").mkdir(parents=True, exist_ok=True)
+            write_text_atomic(self.out / "validation" / f"step_{step:08d}.json", json.dumps(result) + "\n")
+        return {"val/accuracy": result["accuracy"], "val/pass_at_k": result["pass_at_k"]}
 
     # ------------------------------------------------------------------ warm start
     def sft_warmup(self) -> None:

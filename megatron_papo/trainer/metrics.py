@@ -18,10 +18,11 @@ CONSOLE_KEYS = [
     ("reward", "reward"), ("accuracy", "acc"), ("kl_prcp", "kl_prcp"), ("entropy", "ent"),
     ("masked_entropy", "ent_masked"), ("clipfrac_low", "clip_lo"), ("clipfrac_high", "clip_hi"),
     ("ref_kl", "ref_kl"), ("grad_norm", "gnorm"), ("response_len", "len"), ("tokens_per_s", "tok/s"),
+    ("val/accuracy", "val_acc"), ("val/pass_at_k", "val_pass"),
 ]
 # Curves plotted at the end of a run (one panel each, when present).
 SMOOTHING = 5  # steps in the moving average drawn over each curve
-PLOT_KEYS = ["reward", "accuracy", "kl_prcp", "entropy", "masked_entropy", "ref_kl", "clipfrac_high", "grad_norm"]
+PLOT_KEYS = ["reward", "accuracy", "val/accuracy", "kl_prcp", "entropy", "masked_entropy", "ref_kl", "clipfrac_high", "grad_norm"]
 
 
 @dataclass
@@ -59,6 +60,23 @@ def loss_hacking_alarm(history: list[dict[str, float]], cfg: MonitorConfig) -> s
     return None
 
 
+def validation_comparison(before: dict | None, after: dict) -> str:
+    """The end-of-run verdict on the validation split: accuracy before RL (step 0) and after, and the
+    change with its paired standard error over problems (the same problems and sampling seeds at
+    both steps, so each problem's difference is one draw of the change)."""
+    k, n = after["k"], after["problems"]
+    head = f"validation: {n} held-out problems (synthetic seed {after['seed']}), k={k}"
+    now = f"step {after['step']} avg@{k} {after['accuracy']:.3f} pass@{k} {after['pass_at_k']:.3f}"
+    if before is None or len(before["per_problem"]) != n:
+        return f"{head}: {now} (no step-0 validation of the same split to compare with)"
+    diffs = [a - b for a, b in zip(after["per_problem"], before["per_problem"])]
+    mean = sum(diffs) / n
+    se = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1) / n) if n > 1 else float("nan")
+    verdict = "above the noise (> 2 s.e.)" if abs(mean) > 2 * se else "within the noise (<= 2 s.e.)"
+    return (f"{head}: before RL (step 0) avg@{k} {before['accuracy']:.3f} pass@{k} {before['pass_at_k']:.3f}; "
+            f"after {now}; change {mean:+.3f} +- {se:.3f} (paired standard error), {verdict}")
+
+
 def format_line(step: int, metrics: dict[str, Any], phase_seconds: dict[str, float]) -> str:
     parts = [f"step {step:>5d}"]
     for key, short in CONSOLE_KEYS:
@@ -80,10 +98,11 @@ class MetricsLogger:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.jsonl_path = self.out_dir / "metrics.jsonl"
-        # A resumed run keeps the rows up to its checkpoint and drops those of steps it will redo.
+        # A resumed run keeps the rows up to its checkpoint and drops those of steps it will redo; from
+        # step 0 that is every row (step 0's validation row comes after the step-0 checkpoint).
         if self.jsonl_path.exists():
             rows = [json.loads(line) for line in self.jsonl_path.read_text().splitlines() if line.strip()]
-            self.history = [r for r in rows if r.get("step", 0) <= resume_step]
+            self.history = [r for r in rows if r.get("step", 0) <= resume_step] if resume_step else []
             write_text_atomic(self.jsonl_path, "".join(json.dumps(r) + "\n" for r in self.history))
         if cfg.tensorboard:
             try:
