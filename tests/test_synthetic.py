@@ -85,6 +85,28 @@ def test_sft_targets_earn_full_reward_and_prompts_are_short():
         assert len(tok(s.target, add_special_tokens=False)["input_ids"]) <= 48
 
 
+def test_target_noise_answers_wrong_in_that_fraction_and_changes_nothing_else():
+    from megatron_papo.data.rewards import papo_reward
+
+    clean = SyntheticShapes(SyntheticConfig(seed=3, levels=(1, 2, 3), num_samples=2000))
+    noisy = SyntheticShapes(SyntheticConfig(seed=3, levels=(1, 2, 3), num_samples=2000, target_noise=0.25))
+    wrong = 0
+    for i in range(len(clean)):
+        a, b = clean[i], noisy[i]
+        assert a.answer == b.answer and a.prompt == b.prompt and np.array_equal(a.images[0], b.images[0])
+        think = re.match(r"<think>.*</think>", a.target).group(0)
+        assert b.target.startswith(think)  # the description stays the true one
+        if b.target != a.target:
+            wrong += 1
+            assert papo_reward(b.target, b.answer).accuracy == 0.0 and papo_reward(b.target, b.answer).format == 1.0
+            boxed = re.search(r"\\boxed\{(.*)\}", b.target).group(1)  # another answer of the same kind
+            kind = COLOURS if a.answer in COLOURS else SHAPES if a.answer in SHAPES else "01234"
+            assert boxed in kind and boxed != a.answer
+    assert abs(wrong / len(clean) - 0.25) < 0.03, wrong  # binomial sd ~0.01
+    with pytest.raises(ValueError, match="target_noise"):
+        SyntheticConfig(target_noise=1.0)
+
+
 def test_unresized_by_processor():
     from transformers import Qwen2VLImageProcessorPil
 

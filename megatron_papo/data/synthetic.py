@@ -24,6 +24,7 @@ COLOURS = {"red": (220, 30, 30), "green": (30, 160, 30), "blue": (30, 60, 220), 
 SHAPES = ("circle", "square", "triangle")
 BACKGROUND = (255, 255, 255)  # white, so a masked (black) patch is never mistaken for a shape
 LEVELS = (1, 2, 3)
+COUNTS = ("0", "1", "2", "3", "4")  # level 2's answers
 
 
 @dataclass
@@ -32,6 +33,9 @@ class SyntheticConfig:
     levels: tuple[int, ...] = (1, 2)    # difficulty levels drawn uniformly per sample (subset of 1, 2, 3)
     image_size: int = 84                # canvas side in px; multiple of 28, at least 56
     num_samples: int = 10_000           # samples per epoch (sample ids 0..num_samples-1)
+    target_noise: float = 0.0           # fraction of samples whose SFT target answers wrong (a random other answer
+                                        # of the same kind in \boxed{}, the description kept): imperfect
+                                        # demonstrations; the answer RL and evaluation grade is always the true one
     prompt_template: str = PROMPT_TEMPLATES["synthetic"]  # `{content}` = the question with its <image>
 
     def __post_init__(self) -> None:
@@ -40,6 +44,8 @@ class SyntheticConfig:
             raise ValueError(f"SyntheticConfig.levels {self.levels} must be a non-empty subset of {LEVELS}")
         if self.image_size % 28 or self.image_size < 56:
             raise ValueError(f"SyntheticConfig.image_size {self.image_size} must be a multiple of 28 and >= 56")
+        if not 0.0 <= self.target_noise < 1.0:
+            raise ValueError(f"SyntheticConfig.target_noise {self.target_noise} must be in [0, 1)")
         if self.num_samples <= 0:
             raise ValueError(f"SyntheticConfig.num_samples must be positive, got {self.num_samples}")
 
@@ -148,12 +154,25 @@ class SyntheticShapes:
             prompt=render_prompt(self.config.prompt_template, IMAGE_PLACEHOLDER + scene.question),
             answer=scene.answer,
             images=[render(scene, self.config.image_size)],
-            target=sft_target(scene),
+            target=sft_target(scene, self._noisy_answer(index, scene.answer)),
         )
 
+    def _noisy_answer(self, index: int, answer: str) -> str | None:
+        """A wrong answer for sample `index`'s SFT target with probability target_noise, else None.
+        Drawn from a stream of its own, so the scenes do not depend on target_noise."""
+        if not self.config.target_noise:
+            return None
+        rng = np.random.default_rng([self.config.seed, index, 1])
+        if rng.random() >= self.config.target_noise:
+            return None
+        kind = next(k for k in (tuple(COLOURS), SHAPES, COUNTS) if answer in k)
+        others = [a for a in kind if a != answer]
+        return others[int(rng.integers(len(others)))]
 
-def sft_target(scene: Scene) -> str:
-    return f"<think>{scene.description()}</think> \\boxed{{{scene.answer}}}"
+
+def sft_target(scene: Scene, answer: str | None = None) -> str:
+    """`<think>` the scene's description `</think>` and the answer (`answer`: a wrong one instead)."""
+    return f"<think>{scene.description()}</think> \\boxed{{{answer or scene.answer}}}"
 
 
 PERCEPTION_ERRORS = ("count", "colour", "shape", "order")
