@@ -6,10 +6,11 @@ log-prob passes and the PPO update). PAPO's extra cost is the masked half of the
 forward over [real; masked] (reference mode); in exact mode the masked branch rides in the update's
 forward instead.
 
-    python benchmarks/step_time.py [--repeats 3] [--prompts 16] [key=value overrides]
+    python benchmarks/step_time.py [--repeats 5] [--prompts 16] [key=value overrides]
 
-Last line: `papo_over_grpo=<(logprobs + train) PAPO / GRPO>` (goal <= 1.20: one more no-grad
-forward, benchmarks/summary.py).
+Both objectives are built in one process and timed in interleaved rounds (module code: why).
+Last line: `papo_over_grpo=<(logprobs + train) PAPO / GRPO, CPU time> papo_over_grpo_wall=<same,
+wall clock>` (goal for the first <= 1.20: one more no-grad forward, benchmarks/summary.py).
 """
 from __future__ import annotations
 
@@ -48,32 +49,32 @@ def fixed_experiences(trainer, prompts: int, seed: int = 0):
     return exps
 
 
-def time_preset(preset: str, overrides: list[str], prompts: int, repeats: int) -> dict[str, float]:
+def build(preset: str, overrides: list[str], prompts: int, out: str):
     from megatron_papo.train import resolve_config
     from megatron_papo.trainer.loop import Trainer
 
-    with tempfile.TemporaryDirectory() as out:
-        cfg = resolve_config(CONFIG, [f"output_dir={out}", f"preset={preset}", "sft_steps=0",
-                                      f"rollout_batch_size={prompts}", f"global_batch_size={prompts}",
-                                      "checkpoint.resume=none", *overrides])
-        trainer = Trainer(cfg, with_engine=False)
-        exps = fixed_experiences(trainer, prompts)
-        times = {"logprobs": [], "train": []}
-        for _ in range(repeats + 1):  # the first round warms up allocators and caches
-            t0 = time.perf_counter()
-            trainer.compute_logprobs(exps)
-            t1 = time.perf_counter()
-            trainer.update(exps)
-            t2 = time.perf_counter()
-            times["logprobs"].append(t1 - t0)
-            times["train"].append(t2 - t1)
-        return {k: statistics.median(v[1:]) for k, v in times.items()}
+    cfg = resolve_config(CONFIG, [f"output_dir={out}", f"preset={preset}", "sft_steps=0",
+                                  f"rollout_batch_size={prompts}", f"global_batch_size={prompts}",
+                                  "checkpoint.resume=none", "validation.problems=0", *overrides])
+    trainer = Trainer(cfg, with_engine=False)
+    return trainer, fixed_experiences(trainer, prompts)
+
+
+def one_round(trainer, exps) -> dict[str, float]:
+    """Seconds of the two phases, wall clock and this process's CPU time (one thread per op here:
+    OMP_NUM_THREADS=1, so CPU time is what the work cost, whatever else the machine was doing)."""
+    w0, c0 = time.perf_counter(), time.process_time()
+    trainer.compute_logprobs(exps)
+    w1, c1 = time.perf_counter(), time.process_time()
+    trainer.update(exps)
+    w2, c2 = time.perf_counter(), time.process_time()
+    return {"logprobs": w1 - w0, "train": w2 - w1, "cpu/logprobs": c1 - c0, "cpu/train": c2 - c1}
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prompts", type=int, default=16)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5, help="rounds of each objective (after one warm-up round)")
     p.add_argument("--papo-preset", default="papo_h")
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. synthetic.image_size=112")
     args = p.parse_args()
@@ -82,15 +83,30 @@ def main() -> int:
 
     initialize_model_parallel(1, 1, seed=1)
     base = ["synthetic.image_size=112", "processor.max_pixels=12544", *args.overrides]
-    grpo = time_preset("grpo", base, args.prompts, args.repeats)
-    papo = time_preset(args.papo_preset, base, args.prompts, args.repeats)
+    # labels apart from presets: `--papo-preset grpo` times GRPO against a second GRPO (the noise floor)
+    names = ("grpo", args.papo_preset if args.papo_preset != "grpo" else "grpo_again")
+    presets = {"grpo": "grpo", names[1]: args.papo_preset}
+    with tempfile.TemporaryDirectory() as out:
+        jobs = {name: build(presets[name], base, args.prompts, os.path.join(out, name)) for name in names}
+        rounds = {name: [] for name in names}
+        # Interleaved, in alternating order, so both objectives see the same machine (load, caches,
+        # clock) over the run instead of one after the other; the first round of each warms up.
+        for r in range(args.repeats + 1):
+            for name in (names if r % 2 == 0 else names[::-1]):
+                rounds[name].append(one_round(*jobs[name]))
     destroy_model_parallel()
-    print(f"{'phase':<10} {'grpo s':>9} {args.papo_preset + ' s':>9} {'ratio':>7}")
-    for phase in ("logprobs", "train"):
-        print(f"{phase:<10} {grpo[phase]:>9.3f} {papo[phase]:>9.3f} {papo[phase] / grpo[phase]:>7.2f}")
-    g, q = sum(grpo.values()), sum(papo.values())
-    print(f"{'total':<10} {g:>9.3f} {q:>9.3f} {q / g:>7.2f}")
-    print(f"papo_over_grpo={q / g:.3f}")
+    med = {name: {k: statistics.median(x[k] for x in rs[1:]) for k in rs[0]} for name, rs in rounds.items()}
+    g, q = med["grpo"], med[names[1]]
+    print(f"{'phase':<14} {'grpo s':>9} {names[1] + ' s':>9} {'ratio':>7}   (medians of {args.repeats} "
+          f"interleaved rounds)")
+    for phase in ("logprobs", "train", "cpu/logprobs", "cpu/train"):
+        print(f"{phase:<14} {g[phase]:>9.3f} {q[phase]:>9.3f} {q[phase] / g[phase]:>7.2f}")
+    wall = (q["logprobs"] + q["train"]) / (g["logprobs"] + g["train"])
+    cpu = (q["cpu/logprobs"] + q["cpu/train"]) / (g["cpu/logprobs"] + g["cpu/train"])
+    print(f"{'total (wall)':<14} {g['logprobs'] + g['train']:>9.3f} {q['logprobs'] + q['train']:>9.3f} {wall:>7.2f}")
+    print(f"{'total (cpu)':<14} {g['cpu/logprobs'] + g['cpu/train']:>9.3f} {q['cpu/logprobs'] + q['cpu/train']:>9.3f} "
+          f"{cpu:>7.2f}")
+    print(f"papo_over_grpo={cpu:.3f} papo_over_grpo_wall={wall:.3f}")
     return 0
 
 
