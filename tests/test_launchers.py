@@ -193,7 +193,7 @@ def test_demo_script_at_tiny_size(tmp_path):
     out = tmp_path / "demo"
     proc = subprocess.run(["bash", "examples/papo_tiny.sh", f"output_dir={out}", "steps=2", "sft_steps=2",
                            "sft_batch_size=4", "rollout_batch_size=4", "global_batch_size=4",
-                           "validation.problems=5", "validation.k=3",
+                           "validation.problems=5", "validation.k=3", "validation.interval=1",
                            "monitor.tensorboard=false"], cwd=REPO, env={**_env(), "NPROC": "2",
                                                                         "PY": sys.executable},
                           capture_output=True, text=True, timeout=600)
@@ -201,7 +201,7 @@ def test_demo_script_at_tiny_size(tmp_path):
     assert proc.returncode == 0, log[-6000:]
     rows = _metrics(out)
     assert [r["step"] for r in rows] == [0, 1, 2] and set(rows[0]) == {"step", "val/accuracy", "val/pass_at_k"}
-    assert "val/accuracy" not in rows[1] and "time/validate" in rows[2]  # before RL and at the end only
+    assert "time/validate" in rows[1] and "time/validate" in rows[2]  # every validation.interval=1 steps
     assert (out / "curves.png").stat().st_size > 10_000 and _latest(out) == 2
     assert f"outputs: {out.resolve()}" in log
     assert sum(line.startswith("step ") for line in proc.stdout.splitlines()) == 3  # one line per step, and step 0

@@ -484,6 +484,11 @@ BAD_CONFIGS = [  # (environment, arguments, what the one error line says)
     ({}, ["preset=nope"], "unknown preset 'nope'"),
     ({}, ["model.hf_dir=/nonexistent_hf"], "/nonexistent_hf"),
     ({}, ["reward=f1"], "reward='f1' is not one of ['exact_match', 'papo']"),
+    ({}, ["validation.problems=4", "validation.seed=1", "synthetic.seed=1"],
+     "validation.seed=1 is a seed the run trains on"),
+    ({}, ["validation.problems=4", "data.path=README.md"], "validation scores the synthetic task's split"),
+    ({}, ["algo.overlong_buffer_len=40", "rollout.max_new_tokens=32"], "algo.overlong_buffer_len=40 exceeds"),
+    ({}, ["validation.k=0"], "validation: problems >= 0, k >= 1 and interval >= 0 expected"),
 ]
 
 

@@ -141,6 +141,9 @@ class TrainConfig:
             raise ValueError(f"micro_batch_tokens must be >= 0 (0 = micro_batch_size sequences), got {self.micro_batch_tokens}")
         if self.parallel.sequence_parallel and self.parallel.tp == 1:
             raise ValueError("parallel.sequence_parallel=true needs parallel.tp > 1")
+        if self.algo.overlong_buffer_len > self.rollout.max_new_tokens:
+            raise ValueError(f"algo.overlong_buffer_len={self.algo.overlong_buffer_len} exceeds rollout.max_new_tokens="
+                             f"{self.rollout.max_new_tokens}: the penalty's buffer ends at the response limit")
         v = self.validation
         if v.problems < 0 or v.k < 1 or v.interval < 0:
             raise ValueError(f"validation: problems >= 0, k >= 1 and interval >= 0 expected, got problems={v.problems}, "
