@@ -24,10 +24,11 @@ import dataclasses
 import json
 import sys
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+from megatron_papo.data.rewards import EvalResult
 
 
 def hf_folder_for(ckpt: Path, workdir: Path) -> Path:
@@ -46,27 +47,6 @@ def hf_folder_for(ckpt: Path, workdir: Path) -> Path:
 
 class EvalError(ValueError):
     """A checkpoint or data set that cannot be evaluated; one line saying why."""
-
-
-@dataclass
-class EvalResult:
-    k: int
-    problems: int
-    rows: list[dict] = field(default_factory=list)  # one per response: sample_id, answer, accuracy, format, response
-
-    @property
-    def avg(self) -> float:
-        """avg@k: mean accuracy over every response."""
-        return sum(r["accuracy"] for r in self.rows) / max(len(self.rows), 1)
-
-    @property
-    def pass_at_k(self) -> float:
-        """pass@k: fraction of problems with at least one right response among their k."""
-        return len({r["sample_id"] for r in self.rows if r["accuracy"] > 0}) / max(self.problems, 1)
-
-    @property
-    def format(self) -> float:
-        return sum(r["format"] for r in self.rows) / max(len(self.rows), 1)
 
 
 def mask_config_for(ckpt: Path):

@@ -47,9 +47,9 @@ def test_logger_writes_jsonl_plots_and_truncates_on_resume(tmp_path, capsys):
     # resuming from the checkpoint of step 3 drops the rows of steps 4-5 (they will be redone)
     MetricsLogger(tmp_path, cfg, resume_step=3).close()
     assert [json.loads(l)["step"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2, 3]
-    # from the step-0 checkpoint every row goes: step 0's validation is redone after it
+    # from the step-0 checkpoint, saved after step 0's validation, that row stays
     MetricsLogger(tmp_path, cfg, resume_step=0).close()
-    assert (tmp_path / "metrics.jsonl").read_text() == ""
+    assert [json.loads(l)["step"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [0]
 
 
 def test_disabled_logger_writes_nothing(tmp_path):
@@ -75,3 +75,6 @@ def test_validation_comparison_is_the_paired_difference_with_its_standard_error(
     assert f"avg@4 {before.mean():.3f}" in line and f"step 50 avg@4 {after.mean():.3f}" in line
     assert "within the noise" in validation_comparison(row(0, before), row(50, before[::-1].copy()))
     assert "no step-0 validation" in validation_comparison(None, row(50, after))
+    # a resume may change validation.*: another split or k is not a pair
+    assert "no step-0 validation" in validation_comparison({**row(0, before), "seed": 778}, row(50, after))
+    assert "no step-0 validation" in validation_comparison({**row(0, before), "k": 8}, row(50, after))

@@ -217,3 +217,14 @@ def test_math_grading_is_cached(monkeypatch):
     info = rewards._math_equal_cached.cache_info()
     assert info.maxsize is not None and info.maxsize <= 1 << 16  # bounded
     rewards._math_equal_cached.cache_clear()  # the fake's answers must not outlive this test
+
+
+def test_eval_result_avg_pass_and_per_problem():
+    from megatron_papo.data.rewards import EvalResult
+
+    rows = [{"sample_id": 7, "accuracy": 1.0, "format": 1.0}, {"sample_id": 3, "accuracy": 0.0, "format": 1.0},
+            {"sample_id": 7, "accuracy": 0.0, "format": 0.0}, {"sample_id": 3, "accuracy": 0.0, "format": 1.0},
+            {"sample_id": 5, "accuracy": 1.0, "format": 1.0}, {"sample_id": 5, "accuracy": 1.0, "format": 1.0}]
+    r = EvalResult(k=2, problems=3, rows=rows)
+    assert r.per_problem == [0.5, 0.0, 1.0]  # in the order the problems first appear
+    assert r.avg == 0.5 and r.pass_at_k == 2 / 3 and r.format == 5 / 6

@@ -18,7 +18,7 @@ import functools
 import multiprocessing as mp
 import re
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Callable
 
@@ -326,3 +326,33 @@ def get_reward_fn(name: str) -> RewardFn:
     if name not in REWARD_FNS:
         raise ValueError(f"unknown reward function {name!r}; valid: {sorted(REWARD_FNS)}")
     return REWARD_FNS[name]
+
+
+@dataclass
+class EvalResult:
+    """k graded responses per problem (megatron_papo.eval, the trainer's validation): avg@k, pass@k."""
+    k: int
+    problems: int
+    rows: list[dict] = field(default_factory=list)  # one per response: sample_id, accuracy, format (+ answer, response)
+
+    @property
+    def avg(self) -> float:
+        """avg@k: mean accuracy over every response."""
+        return sum(r["accuracy"] for r in self.rows) / max(len(self.rows), 1)
+
+    @property
+    def pass_at_k(self) -> float:
+        """pass@k: fraction of problems with at least one right response among their k."""
+        return len({r["sample_id"] for r in self.rows if r["accuracy"] > 0}) / max(self.problems, 1)
+
+    @property
+    def format(self) -> float:
+        return sum(r["format"] for r in self.rows) / max(len(self.rows), 1)
+
+    @property
+    def per_problem(self) -> list[float]:
+        """Mean accuracy of each problem's responses, problems in the order first met."""
+        by_problem: dict = {}
+        for r in self.rows:
+            by_problem.setdefault(r["sample_id"], []).append(r["accuracy"])
+        return [sum(a) / len(a) for a in by_problem.values()]

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from megatron_papo.algos.advantages import dynamic_sampling_keep, fill_with_informative_groups, grpo_advantages, overlong_penalty
 from megatron_papo.algos.losses import papo_loss, papo_loss_from_logits
 from megatron_papo.data.processor import VLProcessor
-from megatron_papo.data.rewards import get_reward_fn
+from megatron_papo.data.rewards import EvalResult, get_reward_fn
 from megatron_papo.folders import write_text_atomic
 from megatron_papo.ops.vocab_parallel import vocab_parallel_logprob
 from megatron_papo.parallel.context import ParallelContext
@@ -77,7 +77,8 @@ class Trainer:
     # ------------------------------------------------------------------ the run
     def run(self) -> None:
         cfg = self.cfg
-        if not self.state.sft_done:
+        fresh = not self.state.sft_done
+        if fresh:
             if cfg.sft_steps > 0:
                 self.sft_warmup()
             self.models.copy_policy_to_reference()
@@ -85,11 +86,14 @@ class Trainer:
             # the RL optimizer has not stepped (fresh Adam moments, scheduler at 0); with bf16 or the
             # distributed optimizer it holds fp32 copies of the weights, taken before the warm-up
             self.optimizer.reload_model_params()
-            self._save()  # step 0: a killed run never redoes the warm-up
         sync_weights(self.models, self.engine, self.weight_sync)
         validating = cfg.validation.problems > 0
-        if validating and self.state.step == 0:  # the starting point RL is judged against
-            self.metrics.log(0, self.validate(0))
+        if fresh:
+            if validating:  # the starting point RL is judged against
+                self.metrics.log(0, self.validate(0))
+            # step 0, after its validation row (a resume keeps the rows up to its step): a killed run
+            # never redoes the warm-up, except when killed during this first sync or validation
+            self._save()
         alarm = None
         while self.state.step < cfg.steps:
             self.state.step += 1
@@ -352,13 +356,14 @@ class Trainer:
         """avg@k and pass@k of the engines' weights on the validation split (ValidationConfig). Rank 0
         writes each problem's accuracy to validation/step_<N>.json, which the end of the run compares
         with step 0's, problem by problem."""
-        v = self.cfg.validation
+        v, samples = self.cfg.validation, self.data.validation
         sampling = dataclasses.replace(self.models.sampling(self.cfg), n=v.k, seed=v.seed)
-        graded = self._generate_and_grade(self.data.validation, sampling, seed_step=0)  # seeds as eval's
-        per_problem = [_mean(out[4].accuracy for out in outs) for outs in graded]
-        result = {"step": step, "problems": v.problems, "k": v.k, "seed": v.seed, "accuracy": _mean(per_problem),
-                  "pass_at_k": _mean(any(out[4].accuracy > 0 for out in outs) for outs in graded),
-                  "per_problem": per_problem}
+        graded = self._generate_and_grade(samples, sampling, seed_step=0)  # seeds as eval's
+        scores = EvalResult(k=v.k, problems=len(samples), rows=[
+            {"sample_id": s.sample_id, "accuracy": out[4].accuracy, "format": out[4].format}
+            for s, outs in zip(samples, graded) for out in outs])
+        result = {"step": step, "problems": scores.problems, "k": v.k, "seed": v.seed, "accuracy": scores.avg,
+                  "pass_at_k": scores.pass_at_k, "per_problem": scores.per_problem}
         if self.rank == 0:
             (self.out / "validation").mkdir(parents=True, exist_ok=True)
             write_text_atomic(self.out / "validation" / f"step_{step:08d}.json", json.dumps(result) + "\n")

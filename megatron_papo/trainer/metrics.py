@@ -67,7 +67,7 @@ def validation_comparison(before: dict | None, after: dict) -> str:
     k, n = after["k"], after["problems"]
     head = f"validation: {n} held-out problems (synthetic seed {after['seed']}), k={k}"
     now = f"step {after['step']} avg@{k} {after['accuracy']:.3f} pass@{k} {after['pass_at_k']:.3f}"
-    if before is None or len(before["per_problem"]) != n:
+    if before is None or (before["seed"], before["k"], len(before["per_problem"])) != (after["seed"], k, n):
         return f"{head}: {now} (no step-0 validation of the same split to compare with)"
     diffs = [a - b for a, b in zip(after["per_problem"], before["per_problem"])]
     mean = sum(diffs) / n
@@ -98,11 +98,10 @@ class MetricsLogger:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.jsonl_path = self.out_dir / "metrics.jsonl"
-        # A resumed run keeps the rows up to its checkpoint and drops those of steps it will redo; from
-        # step 0 that is every row (step 0's validation row comes after the step-0 checkpoint).
+        # A resumed run keeps the rows up to its checkpoint and drops those of steps it will redo.
         if self.jsonl_path.exists():
             rows = [json.loads(line) for line in self.jsonl_path.read_text().splitlines() if line.strip()]
-            self.history = [r for r in rows if r.get("step", 0) <= resume_step] if resume_step else []
+            self.history = [r for r in rows if r.get("step", 0) <= resume_step]
             write_text_atomic(self.jsonl_path, "".join(json.dumps(r) + "\n" for r in self.history))
         if cfg.tensorboard:
             try:
