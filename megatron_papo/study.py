@@ -1,7 +1,7 @@
 """Does PAPO do what the paper says, here? Presets x seeds on the synthetic task, from one SFT checkpoint.
 
     python -m megatron_papo.study                                   # grpo, papo_g, papo_h x seeds 1 2 3
-    python -m megatron_papo.study --scenario collapse --gamma 0.2   # does the loss-hacking alarm fire?
+    python -m megatron_papo.study --scenario collapse --gamma 0.2   # do the training-health alarms fire?
 
 For each seed:
 1. one SFT warm-up (`megatron_papo.train` with steps=0 and sft_steps > 0 writes its step-0
@@ -20,16 +20,20 @@ For each seed:
    shape (or, on level 3, order) is one (data/synthetic.py perception_errors); failures without a
    readable description are counted apart ("undescribed").
 
-Outputs in --out: results.md (preset x metric, mean +- std over seeds, all levels and per level),
-results.json (every number, per run), curves.png (training curves, one line per preset, seeds
-shaded), eval/ (every response), and each run's folder (train.log, metrics.jsonl, checkpoints).
+Outputs in --out (outputs/study), shared by the scenarios: a run is the same run in every scenario
+that has it (the SFT warm-ups, GRPO), so a second scenario resumes it ("nothing to do") instead of
+training it again. Per scenario: results_<scenario>.md (preset x metric, mean +- std over seeds,
+all levels and per level), results_<scenario>.json (every number, per run), curves_<scenario>.png
+(training curves, one line per preset, seeds shaded); shared: eval/ (every response, cached per
+checkpoint) and each run's folder (train.log, metrics.jsonl, checkpoints).
 --docs writes the same table, the command and the alarm verdicts into docs/results.md (one
 section per scenario). `--set key=value` passes an option to every training run.
 
 `--scenario collapse`: grpo, papo_g and papo_h with --gamma (default 0.2) instead of their 0.02:
 the high-gamma PAPO without double entropy should collapse (docs/papo.md "Loss hacking"), the
-same gamma with double entropy should not. The loss-hacking alarm (trainer/metrics.py) is read
-from each run's log ("WARNING [step N] possible loss hacking") and recomputed from its metrics.jsonl.
+same gamma with double entropy should not. The training-health alarms (trainer/metrics.py: loss
+hacking, collapse) are read from each run's log ("WARNING [step N] ...") and recomputed from its
+metrics.jsonl.
 """
 from __future__ import annotations
 
@@ -60,7 +64,10 @@ CURVE_KEYS = ["reward", "accuracy", "kl_prcp", "entropy", "masked_entropy", "cli
 AT_LIMIT = 0.9                # a step's responses are "at the length limit" when their mean length >= this x max_new_tokens
 SMOOTHING = 5                 # moving average of the curves (runs of at least 2 x this many steps)
 SFT = "sft"                   # the label of the warm-up checkpoint in tables
-ALARM_LINE = re.compile(r"WARNING \[step (\d+)\] possible loss hacking")
+ALARM_LINE = re.compile(r"WARNING \[step (\d+)\] (possible loss hacking|training collapse)")
+ALARM_KINDS = {"possible loss hacking": "loss hacking", "training collapse": "collapse"}  # message start -> name
+ALARMS_HEAD = "Training-health alarms (trainer/metrics.py: loss hacking, collapse)"
+SFT_PRESET = "grpo"           # the warm-up's loss is SFT's whatever the preset; one preset lets scenarios share it
 SHOWN_LINES = re.compile(r"^(step |WARNING|error|nothing to do|resuming|stopping|Traceback)")
 DOCS_DEFAULT = "docs/results.md"
 
@@ -88,7 +95,7 @@ def plan(args) -> tuple[dict[int, Run], list[Run]]:
     from megatron_papo.algos import load_preset
 
     out = Path(args.out)
-    sft = {s: Run(s, SFT, args.presets[0], folder=out / f"seed_{s}" / SFT) for s in args.seeds}
+    sft = {s: Run(s, SFT, SFT_PRESET, folder=out / f"seed_{s}" / SFT) for s in args.seeds}
     runs = []
     for s in args.seeds:
         for preset in args.presets:
@@ -215,16 +222,22 @@ def length_drift(rows: list[dict], max_new_tokens: int) -> dict:
 
 
 def alarm_verdict(run: Run, rows: list[dict], monitor: dict) -> dict:
-    """The steps at which the loss-hacking alarm fired: printed in the run's log, and recomputed
-    from metrics.jsonl with trainer/metrics.py loss_hacking_alarm and the run's monitor config."""
-    from megatron_papo.trainer.metrics import MonitorConfig, loss_hacking_alarm
+    """The steps at which a training-health alarm fired, and which: printed in the run's log, and
+    recomputed from metrics.jsonl with trainer/metrics.py training_alarms and the run's monitor
+    config. A run trained before an alarm existed has none of it in its log (agree is then False)."""
+    from megatron_papo.trainer.metrics import MonitorConfig, training_alarms
 
     cfg = MonitorConfig(**monitor)
-    recomputed = [rows[i]["step"] for i in range(len(rows)) if loss_hacking_alarm(rows[: i + 1], cfg)]
+    recomputed, kinds = [], set()
+    for i in range(len(rows)):
+        fired = training_alarms(rows[: i + 1], cfg)
+        if fired:
+            recomputed.append(rows[i]["step"])
+            kinds |= {name for start, name in ALARM_KINDS.items() for a in fired if a.startswith(start)}
     log = run.folder / "train.log"
     logged = sorted({int(m.group(1)) for m in ALARM_LINE.finditer(log.read_text(errors="replace"))}) if log.is_file() else []
     logged = [s for s in logged if s <= (rows[-1]["step"] if rows else 0)]  # steps a resume redid are in the log twice
-    return {"fired": bool(recomputed or logged), "steps": recomputed, "logged_steps": logged,
+    return {"fired": bool(recomputed or logged), "steps": recomputed, "kinds": sorted(kinds), "logged_steps": logged,
             "agree": recomputed == logged}
 
 
@@ -373,13 +386,14 @@ def alarm_lines(results: dict) -> list[str]:
             continue
         a = r["alarm"]
         verdict = (f"fired at step {a['steps'][0] if a['steps'] else a['logged_steps'][0]} "
-                   f"({len(set(a['steps']) | set(a['logged_steps']))} steps)" if a["fired"] else "did not fire")
+                   f"({len(set(a['steps']) | set(a['logged_steps']))} steps; {', '.join(a['kinds']) or 'logged only'})"
+                   if a["fired"] else "did not fire")
         if not a["agree"]:
             verdict += f" (log: {a['logged_steps']}, recomputed from metrics.jsonl: {a['steps']})"
         t = r["train"]
         out.append(f"- {r['label']}, seed {r['seed']}: {verdict}; last {t['window']} of {t['steps']} steps: "
                    f"KL_prcp {_num(t['kl_prcp'])}, entropy {_num(t['entropy'])}, masked entropy "
-                   f"{_num(t['masked_entropy'])}, reward {_num(t['reward'])}")
+                   f"{_num(t['masked_entropy'])}, reward {_num(t['reward'])}, accuracy {_num(t['accuracy'])}")
     return out
 
 
@@ -461,7 +475,7 @@ def write_docs(path: Path, scenario: str, command: str, results: dict, table: st
     body = [begin, f"## Scenario `{scenario}`", "", "```bash", command, "```", "",
             f"Presets {', '.join(results['labels'][1:])}; seeds {s['seeds']}; {s['steps']} RL steps after "
             f"{s['sft_steps']} SFT steps; config {s['config']}" + (f"; overrides {' '.join(s['set'])}" if s["set"] else "")
-            + ".", "", table, "Loss-hacking alarm (trainer/metrics.py), per run:", "", *alarm_lines(results), "",
+            + ".", "", table, f"{ALARMS_HEAD}, per run:", "", *alarm_lines(results), "",
             "Response length and reference KL, per run (study.length_drift):", "", *drift_lines(results), "",
             f"![curves]({curves.name})" if curves else "", end]
     text = path.read_text() if path.is_file() else (
@@ -495,7 +509,7 @@ def parse_args(argv):
     p.add_argument("--eval-seed", type=int, default=12345, help="synthetic seed of the held-out split")
     p.add_argument("--jobs", type=int, default=1, help="training runs at once (1 is fastest on 2 cores)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="trainer options for every run")
-    p.add_argument("--out", help="output folder (default: outputs/study, collapse: outputs/study_collapse)")
+    p.add_argument("--out", help="output folder, shared by the scenarios (default: outputs/study)")
     p.add_argument("--docs", nargs="?", const=str(REPO / DOCS_DEFAULT), help=f"also write the results into {DOCS_DEFAULT} "
                                                                  "(or the given file)")
     return p.parse_args(argv)
@@ -509,7 +523,7 @@ def resolve(args) -> None:
     args.presets = args.presets or list(SCENARIOS[args.scenario])
     if args.scenario == "collapse" and args.gamma is None:
         args.gamma = COLLAPSE_GAMMA
-    args.out = args.out or ("outputs/study" if args.scenario == "default" else f"outputs/study_{args.scenario}")
+    args.out = args.out or "outputs/study"
     # the trainer runs in the repository root: absolute paths, so that the study runs from anywhere
     config = Path(args.config)
     if not config.is_file() and (REPO / config).is_file():
@@ -595,19 +609,21 @@ def main(argv: list[str] | None = None) -> int:
                                 "eval": eval_metrics(evals[(r.seed, r.label)], scenes, args.k)})
     out = Path(args.out)
     table = tables(results, args.k)
-    (out / "results.json").write_text(json.dumps(_finite(results), indent=1) + "\n")
-    curves = plot_curves(histories, out / "curves.png")
+    report = {ext: out / f"results_{args.scenario}.{ext}" for ext in ("md", "json")}
+    report["json"].write_text(json.dumps(_finite(results), indent=1) + "\n")
+    curves = plot_curves(histories, out / f"curves_{args.scenario}.png")
     alarms = alarm_lines(results)
-    md = [f"# Study: {args.scenario}", "", "```bash", command, "```", "", table, "Loss-hacking alarm, per run:", "",
+    md = [f"# Study: {args.scenario}", "", "```bash", command, "```", "", table, f"{ALARMS_HEAD}, per run:", "",
           *alarms, "", "Response length and reference KL, per run:", "", *drift_lines(results), "",
-          f"Curves: {curves.name if curves else '(matplotlib missing)'}; every number: results.json; "
+          f"Curves: {curves.name if curves else '(matplotlib missing)'}; every number: {report['json'].name}; "
           "every response: eval/.", ""]
-    (out / "results.md").write_text("\n".join(md))
-    print("\n" + table + "\nLoss-hacking alarm, per run:\n" + "\n".join(alarms), flush=True)
+    report["md"].write_text("\n".join(md))
+    print("\n" + table + f"\n{ALARMS_HEAD}, per run:\n" + "\n".join(alarms), flush=True)
     if args.docs:
         write_docs(Path(args.docs), args.scenario, command, results, table, curves)
         print(f"[study] wrote {args.docs}", flush=True)
-    print(f"[study] outputs: {out.resolve()} (results.md, results.json, curves.png, eval/, seed_*/)", flush=True)
+    print(f"[study] outputs: {out.resolve()} ({report['md'].name}, {report['json'].name}, "
+          f"{curves.name if curves else 'no curves'}, eval/, seed_*/)", flush=True)
     return 0
 
 

@@ -1,9 +1,10 @@
-"""Metrics: jsonl rows, resume truncation, the loss-hacking alarm, and the PNG curves."""
+"""Metrics: jsonl rows, resume truncation, the training-health alarms, and the PNG curves."""
 import json
 
 import numpy as np
 
-from megatron_papo.trainer.metrics import MetricsLogger, MonitorConfig, format_line, loss_hacking_alarm, validation_comparison
+from megatron_papo.trainer.metrics import (MetricsLogger, MonitorConfig, collapse_alarm, format_line, loss_hacking_alarm,
+                                          validation_comparison)
 
 
 def _rows(kl, ent, ent_m):
@@ -29,6 +30,39 @@ def test_alarm_fires_only_on_the_collapse_signature():
     assert loss_hacking_alarm(diffuse, cfg) is None
     # too short a history to judge
     assert loss_hacking_alarm(collapse[:5], cfg) is None
+
+
+def _acc_rows(acc, ref_kl=None, length=None):
+    return [{"step": i + 1, "accuracy": a, **({"ref_kl": ref_kl[i]} if ref_kl else {}),
+             **({"response_len": length[i]} if length else {})} for i, a in enumerate(acc)]
+
+
+def test_collapse_alarm_fires_when_training_accuracy_halves(tmp_path, capsys):
+    """The study's collapses (docs/results.md): accuracy to 0 with ref_kl up and the length stuck;
+    the loss-hacking signature misses them (KL_prcp fell too)."""
+    cfg = MonitorConfig(alarm_window=3, alarm_accuracy_fraction=0.5)
+    acc = [0.45, 0.5, 0.4, 0.45, 0.0, 0.0, 0.0]
+    rows = _acc_rows(acc, ref_kl=[0.1] * 4 + [8.0] * 3, length=[14.0] * 4 + [32.0] * 3)
+    reason = collapse_alarm(rows, cfg)
+    # 0 against the mean of the 4 steps before, 0.45; the diagnosis names ref_kl and the length
+    assert reason.startswith("training collapse: accuracy 0.450 -> 0.000 (below 0.5x), ref_kl 0.1 -> 8, "
+                             "response_len 14 -> 32 (last 3 steps vs before)"), reason
+    assert collapse_alarm(rows[:5], cfg) is None  # (0.4 + 0.45 + 0) / 3 is not below 0.5 x (0.45 + 0.5) / 2
+    # judged from step window + 1: a policy that halves in its first updates, against step 1
+    early = _acc_rows([0.42, 0.18, 0.2, 0.15])
+    assert "accuracy 0.420 -> 0.177" in collapse_alarm(early, cfg) and collapse_alarm(early[:3], cfg) is None
+    assert collapse_alarm(_acc_rows([0.42, 0.3, 0.25, 0.3]), cfg) is None  # lost less than half
+    assert collapse_alarm(_acc_rows([0.0, 0.0, 0.0, 0.0]), cfg) is None  # nothing to lose
+    assert collapse_alarm(_acc_rows([0.5, 0.4, 0.5, 0.4, 0.45, 0.55]), cfg) is None  # healthy
+    assert collapse_alarm(rows, MonitorConfig(alarm_window=3, alarm_accuracy_fraction=0)) is None  # off
+    # a diverged step (NaN, stored as "nan") is left out, not read as a collapse
+    assert collapse_alarm(_acc_rows([0.45, 0.5]) + [{"step": 3, "accuracy": "nan"}] + _acc_rows([0.4, 0.45, 0.5])[2:],
+                          cfg) is None
+    # the logger prints each alarm that fires and returns them all
+    log = MetricsLogger(tmp_path, MonitorConfig(tensorboard=False, plots=False, alarm_window=3))
+    fired = [log.log(r["step"], {k: v for k, v in r.items() if k != "step"}) for r in rows]
+    assert fired[:5] == [None] * 5 and fired[5].startswith("training collapse") and fired[6].startswith("training")
+    assert "WARNING [step 7] training collapse: accuracy 0.450 -> 0.000" in capsys.readouterr().out
 
 
 def test_logger_writes_jsonl_plots_and_truncates_on_resume(tmp_path, capsys):

@@ -73,12 +73,12 @@ def test_study_end_to_end(tmp_path):
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-6000:]
 
-    results = json.loads((out / "results.json").read_text())
+    results = json.loads((out / "results_default.json").read_text())
     assert results["labels"] == ["sft", "grpo", "papo_g"]
-    md = (out / "results.md").read_text()
-    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (out / "results_default.md").read_text()
+    assert (out / "curves_default.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "### All levels" in md and "### Level 1" in md and "### Level 2" in md
-    assert md.split("### All levels")[1].split("Loss-hacking")[0].strip() in log  # the table is printed
+    assert md.split("### All levels")[1].split("Training-health alarms")[0].strip() in log  # the table is printed
 
     # both presets start from the seed's one SFT checkpoint, and differ in the objective only
     step0 = out / "seed_1" / "sft" / "checkpoints" / "step_00000000"
@@ -135,9 +135,23 @@ def test_study_end_to_end(tmp_path):
 
     text = docs.read_text()
     assert "<!-- study:default -->" in text and "python -m megatron_papo.study --seeds 1" in text
-    assert "Loss-hacking alarm" in text and "- papo_g, seed 1:" in text
+    assert "Training-health alarms" in text and "- papo_g, seed 1:" in text
     assert "![curves](study_default_curves.png)" in text
-    assert (docs.parent / "study_default_curves.png").read_bytes() == (out / "curves.png").read_bytes()
+    assert (docs.parent / "study_default_curves.png").read_bytes() == (out / "curves_default.png").read_bytes()
+
+    # another scenario in the same folder shares the runs it has in common (the warm-up, GRPO): they
+    # are resumed ("nothing to do"), not trained again, and their evaluations come from the cache
+    before = {f: f.read_bytes() for f in (out / "results_default.md", out / "seed_1" / "grpo" / "metrics.jsonl",
+                                          out / "eval" / "seed_1_grpo.json")}
+    cmd2 = [*cmd[:3], "--scenario", "collapse", *[a for a in cmd[3:] if a not in ("papo_g", "--docs", str(docs))]]
+    proc = subprocess.run(cmd2, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    log2 = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log2[-6000:]
+    assert "[seed 1 sft] nothing to do" in log2 and "[seed 1 grpo] nothing to do" in log2 and "[eval]" not in log2
+    assert all(f.read_bytes() == data for f, data in before.items())
+    collapse = json.loads((out / "results_collapse.json").read_text())
+    assert collapse["labels"] == ["sft", "grpo"] and collapse["settings"]["gamma"] == 0.2
+    assert [r["eval"] for r in collapse["runs"]] == [runs["sft"]["eval"], runs["grpo"]["eval"]]
 
 
 def _rows(path):

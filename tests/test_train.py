@@ -320,7 +320,7 @@ def test_alarm_stops_every_rank(hf_dir, tmp_path):
     log = _train(2, out, hf_dir, ["steps=5", "parallel.tp=2", "monitor.stop_on_alarm=true", "monitor.alarm_window=1",
                                   "monitor.alarm_kl_factor=0", "monitor.alarm_entropy_rise=-10",
                                   "checkpoint.save_interval=0", "algo.kl_estimator=k1"], timeout=300)
-    assert "stopping after step 2 (loss-hacking alarm); checkpoint saved" in log
+    assert "stopping after step 2 (training-health alarm); checkpoint saved" in log
     assert [r["step"] for r in _metrics(out)] == [1, 2] and _latest(out) == 2
     # the reference KL by the k1 estimator (logp - ref_logp): 0 while the policy is the reference
     # (step 1), then not

@@ -102,7 +102,7 @@ class Trainer:
                     cfg.validation.interval and self.state.step % cfg.validation.interval == 0)):
                 with _timed(phases, "validate"):
                     metrics |= self.validate(self.state.step)
-            alarm = self.metrics.log(self.state.step, metrics, phases)  # rank 0 watches the alarm
+            alarm = self.metrics.log(self.state.step, metrics, phases)  # rank 0 watches the alarms
             stop_for_alarm = _agreed(alarm is not None and cfg.monitor.stop_on_alarm)  # every rank stops with it
             stop = self.preemption.should_stop() or stop_for_alarm
             if stop or self.state.step == cfg.steps or (
@@ -110,7 +110,7 @@ class Trainer:
                 self._save()
             if stop:
                 if self.rank == 0:
-                    why = "loss-hacking alarm" if stop_for_alarm else f"signal {self.preemption.received}"
+                    why = "training-health alarm" if stop_for_alarm else f"signal {self.preemption.received}"
                     print(f"stopping after step {self.state.step} ({why}); checkpoint saved", flush=True)
                 break
         plots = self.metrics.close()

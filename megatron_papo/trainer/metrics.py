@@ -1,4 +1,4 @@
-"""What a user sees: one line per step, metrics.jsonl, tensorboard, PNG curves, and the loss-hacking alarm.
+"""What a user sees: one line per step, metrics.jsonl, tensorboard, PNG curves, and the training-health alarms.
 
 Only the logging rank (global rank 0) writes; the others hold a disabled logger, so callers never
 branch on rank themselves.
@@ -32,7 +32,21 @@ class MonitorConfig:
     alarm_window: int = 5             # steps in the recent window compared against the earlier baseline
     alarm_kl_factor: float = 3.0      # alarm when recent mean KL_prcp exceeds this factor x the baseline mean
     alarm_entropy_rise: float = 0.10  # ... while the masked policy's entropy rose by at least this fraction
-    stop_on_alarm: bool = False       # stop the run (after a checkpoint) when the alarm fires
+    alarm_accuracy_fraction: float = 0.5  # collapse alarm when recent mean training accuracy < this x the earlier mean (0: off)
+    stop_on_alarm: bool = False       # stop the run (after a checkpoint) when an alarm fires
+
+
+def _windows(history: list[dict[str, Any]], keys: tuple[str, ...], w: int,
+             min_earlier: int) -> tuple[list[dict], list[dict]] | None:
+    """(earlier steps, last `w` steps) of the rows whose `keys` are all finite numbers (a diverged
+    step's NaN is stored as the string "nan" and left out); None until `min_earlier` steps precede
+    the last `w`."""
+    rows = [h for h in history if all(isinstance(h.get(k), (int, float)) and math.isfinite(h[k]) for k in keys)]
+    return (rows[:-w], rows[-w:]) if len(rows) >= w + min_earlier else None
+
+
+def _mean(rows: list[dict], key: str) -> float:
+    return sum(r[key] for r in rows) / len(rows)
 
 
 def loss_hacking_alarm(history: list[dict[str, float]], cfg: MonitorConfig) -> str | None:
@@ -42,22 +56,50 @@ def loss_hacking_alarm(history: list[dict[str, float]], cfg: MonitorConfig) -> s
     real policy's entropy is reported, not required: in the paper it rises too, but in the study's
     collapse here (docs/results.md) it fell while the masked entropy rose sevenfold, and a KL that
     grows with a steady masked entropy is what PAPO asks for. Compares the last `alarm_window`
-    steps with the steps before them. Steps whose values are not finite numbers (a diverged
-    step's NaN, stored as the string "nan") are left out. Returns a human-readable reason, or None."""
-    w = cfg.alarm_window
-    rows = [h for h in history if all(isinstance(h.get(k), (int, float)) and math.isfinite(h[k])
-                                      for k in ("kl_prcp", "entropy", "masked_entropy"))]
-    if len(rows) < 2 * w:
+    steps with the steps before them. Returns a human-readable reason, or None."""
+    split = _windows(history, ("kl_prcp", "entropy", "masked_entropy"), cfg.alarm_window, cfg.alarm_window)
+    if split is None:
         return None
-    base, recent = rows[:-w], rows[-w:]
-    mean = lambda rs, k: sum(r[k] for r in rs) / len(rs)  # noqa: E731
-    kl_base, kl_now = mean(base, "kl_prcp"), mean(recent, "kl_prcp")
-    rises = {k: (mean(recent, k) - mean(base, k)) / max(abs(mean(base, k)), 1e-8) for k in ("entropy", "masked_entropy")}
+    base, recent = split
+    kl_base, kl_now = _mean(base, "kl_prcp"), _mean(recent, "kl_prcp")
+    rises = {k: (_mean(recent, k) - _mean(base, k)) / max(abs(_mean(base, k)), 1e-8) for k in ("entropy", "masked_entropy")}
     if kl_now > cfg.alarm_kl_factor * max(kl_base, 1e-8) and rises["masked_entropy"] >= cfg.alarm_entropy_rise:
         return (f"possible loss hacking: KL_prcp {kl_base:.4g} -> {kl_now:.4g} (x{kl_now / max(kl_base, 1e-8):.1f}) "
                 f"while masked entropy rose {rises['masked_entropy']:+.0%} (entropy {rises['entropy']:+.0%}) "
                 f"(last {cfg.alarm_window} steps vs before); consider lowering gamma or raising eta")
     return None
+
+
+def collapse_alarm(history: list[dict[str, float]], cfg: MonitorConfig) -> str | None:
+    """A training collapse, whatever the objective: the mean training accuracy (the verified share of
+    the step's responses) of the last `alarm_window` steps is below `alarm_accuracy_fraction` x the
+    mean of all steps before, judged from step `alarm_window` + 1 on, so a policy that loses half
+    its accuracy in its first updates is caught against the first step. The collapses on record
+    here (docs/results.md: GRPO, and PAPO_G at the published and at a high gamma) ended at accuracy
+    0 with the reference KL up 5-10x and the responses stuck at the length limit or at one token;
+    KL_prcp fell with the rest, so the loss-hacking signature missed them. The reference KL and the
+    response length are reported for the diagnosis, not required: a healthy run's reference KL
+    also grows several-fold as it leaves the reference. Accuracy, not reward: reward adds format
+    and length terms whose scale depends on the preset. Returns a human-readable reason, or None."""
+    if cfg.alarm_accuracy_fraction <= 0:
+        return None
+    split = _windows(history, ("accuracy",), cfg.alarm_window, 1)
+    if split is None:
+        return None
+    base, recent = split
+    acc_base, acc_now = _mean(base, "accuracy"), _mean(recent, "accuracy")
+    if acc_base <= 0 or acc_now >= cfg.alarm_accuracy_fraction * acc_base:
+        return None
+    seen = [f"{k} {_mean(base, k):.3g} -> {_mean(recent, k):.3g}" for k in ("ref_kl", "response_len")
+            if all(isinstance(r.get(k), (int, float)) and math.isfinite(r[k]) for r in base + recent)]
+    return (f"training collapse: accuracy {acc_base:.3f} -> {acc_now:.3f} (below {cfg.alarm_accuracy_fraction:g}x)"
+            + (f", {', '.join(seen)}" if seen else "") + f" (last {cfg.alarm_window} steps vs before); "
+            "resume from an earlier checkpoint with a lower optim.lr (or algo.gamma)")
+
+
+def training_alarms(history: list[dict[str, float]], cfg: MonitorConfig) -> list[str]:
+    """Every alarm that fires on this history: PAPO's loss-hacking signature, and a collapse."""
+    return [a for a in (loss_hacking_alarm(history, cfg), collapse_alarm(history, cfg)) if a]
 
 
 def validation_comparison(before: dict | None, after: dict) -> str:
@@ -111,7 +153,7 @@ class MetricsLogger:
                 print("[metrics] tensorboard is not installed: skipping tensorboard logs")
 
     def log(self, step: int, metrics: dict[str, Any], phase_seconds: dict[str, float] | None = None) -> str | None:
-        """Record one step; prints the one-line summary. Returns the alarm text if the alarm fired."""
+        """Record one step; prints the one-line summary. Returns the alarms' text if any fired."""
         if not self.enabled:
             return None
         phase_seconds = phase_seconds or {}
@@ -126,10 +168,10 @@ class MetricsLogger:
                     self._tb.add_scalar(k, v, step)
             self._tb.flush()
         print(format_line(step, row, phase_seconds), flush=True)
-        alarm = loss_hacking_alarm(self.history, self.cfg)
-        if alarm:
+        alarms = training_alarms(self.history, self.cfg)
+        for alarm in alarms:
             print(f"WARNING [step {step}] {alarm}", flush=True)
-        return alarm
+        return "; ".join(alarms) or None
 
     def close(self) -> list[Path]:
         """Flush tensorboard and write the PNG curves; returns the files written."""
