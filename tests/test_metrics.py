@@ -3,8 +3,14 @@ import json
 
 import numpy as np
 
-from megatron_papo.trainer.metrics import (MetricsLogger, MonitorConfig, collapse_alarm, format_line, loss_hacking_alarm,
-                                          validation_comparison)
+from megatron_papo.trainer.metrics import (
+    MetricsLogger,
+    MonitorConfig,
+    collapse_alarm,
+    format_line,
+    loss_hacking_alarm,
+    validation_comparison,
+)
 
 
 def _rows(kl, ent, ent_m):
