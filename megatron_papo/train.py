@@ -66,7 +66,11 @@ def main(argv: list[str] | None = None) -> int:
             if rank0:
                 print(f"nothing to do: checkpoint at step {done} >= steps={cfg.steps}", flush=True)
             return 0
-        Trainer(cfg, ParallelContext.from_megatron(cfg.rollout.tp)).run()
+        trainer = Trainer(cfg, ParallelContext.from_megatron(cfg.rollout.tp))
+        try:
+            trainer.run()
+        finally:
+            trainer.close()
     except ckpt.CheckpointError as e:
         return _error(e)
     finally:

@@ -327,6 +327,20 @@ def test_alarm_stops_every_rank(hf_dir, tmp_path):
     assert _metrics(out)[0]["ref_kl"] == 0 and _metrics(out)[1]["ref_kl"] != 0, _metrics(out)
 
 
+@pytest.mark.timeout(300)
+def test_an_error_inside_a_step_is_the_only_error(hf_dir, tmp_path):
+    """A step that raises: the run exits non-zero with that error and no other (before, the engine
+    was left to the interpreter's exit, whose vLLM teardown ran after torch.distributed's and added
+    "ValueError: Invalid process group specified"), after the step-0 checkpoint was saved."""
+    out = tmp_path / "failing"
+    command = [sys.executable, "tests/dist/failing_step.py", *_command(1, out, hf_dir, ["steps=2"])[3:]]
+    proc = subprocess.run(command, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=240)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "RuntimeError: step 1 failed on purpose" in log, log[-4000:]
+    assert "Invalid process group" not in log and log.count("Traceback") == 1, log[-4000:]
+    assert _latest(out) == 0
+
+
 def _hf_tensors(folder: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 

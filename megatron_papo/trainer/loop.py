@@ -114,8 +114,7 @@ class Trainer:
                     print(f"stopping after step {self.state.step} ({why}); checkpoint saved", flush=True)
                 break
         plots = self.metrics.close()
-        if self.engine is not None:
-            self.engine.close()
+        self.close()
         before, after = (self.out / "validation" / f"step_{s:08d}.json" for s in (0, self.state.step))
         if self.rank == 0 and validating and self.state.step == cfg.steps and after.is_file():
             print(validation_comparison(json.loads(before.read_text()) if before.is_file() else None,
@@ -125,6 +124,14 @@ class Trainer:
                   + (f", {plots[0].name}" if plots else "") + ")", flush=True)
 
     # ------------------------------------------------------------------ one RL step
+    def close(self) -> None:
+        """Stop the rollout engine (again: a no-op). train.py calls it also when run() raised: an engine
+        left to the interpreter's exit would tear down vLLM's process groups after torch.distributed
+        is gone, and its "Invalid process group specified" would follow the real error."""
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
+
     def rl_step(self, step: int) -> tuple[dict, dict]:
         cfg, phases = self.cfg, {}
         with _timed(phases, "rollout"):
