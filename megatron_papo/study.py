@@ -385,11 +385,11 @@ def alarm_lines(results: dict) -> list[str]:
         if r["label"] == SFT:
             continue
         a = r["alarm"]
+        n = len(set(a["steps"]) | set(a["logged_steps"]))
         verdict = (f"fired at step {a['steps'][0] if a['steps'] else a['logged_steps'][0]} "
-                   f"({len(set(a['steps']) | set(a['logged_steps']))} steps; {', '.join(a['kinds']) or 'logged only'})"
-                   if a["fired"] else "did not fire")
+                   f"({n} step{'s' * (n != 1)}; {', '.join(a['kinds']) or 'logged only'})" if a["fired"] else "did not fire")
         if not a["agree"]:
-            verdict += f" (log: {a['logged_steps']}, recomputed from metrics.jsonl: {a['steps']})"
+            verdict += f" (log: steps {_ranges(a['logged_steps'])}; recomputed from metrics.jsonl: steps {_ranges(a['steps'])})"
         t = r["train"]
         out.append(f"- {r['label']}, seed {r['seed']}: {verdict}; last {t['window']} of {t['steps']} steps: "
                    f"KL_prcp {_num(t['kl_prcp'])}, entropy {_num(t['entropy'])}, masked entropy "
@@ -409,6 +409,17 @@ def drift_lines(results: dict) -> list[str]:
                    f"ref_kl {_num(d['ref_kl_below_limit'])} on the other steps, {_num(d['ref_kl_at_limit'])} at the "
                    f"limit (step 1: {_num(d['ref_kl_step1'])})")
     return out
+
+
+def _ranges(steps: list[int]) -> str:
+    """[6, 7, 8, 12] -> "6-8, 12"; [] -> "none"."""
+    runs: list[list[int]] = []
+    for step in steps:
+        if runs and step == runs[-1][1] + 1:
+            runs[-1][1] = step
+        else:
+            runs.append([step, step])
+    return ", ".join(f"{a}-{b}" if b > a else f"{a}" for a, b in runs) or "none"
 
 
 def _num(v: float) -> str:

@@ -175,3 +175,20 @@ def test_alarm_skips_non_finite_steps(tmp_path):
     for step, row in enumerate(rows, 1):
         alarm = logger.log(step, {k: float(v) for k, v in row.items()})
     assert "loss hacking" in alarm and '"kl_prcp": "nan"' in (tmp_path / "metrics.jsonl").read_text()
+
+
+def test_alarm_lines_show_which_alarm_and_a_log_that_disagrees():
+    """A run trained before an alarm existed has none of it in its log: the verdict says which
+    alarm fired, and shows both step lists compactly."""
+    from megatron_papo.study import alarm_lines
+
+    train = {"window": 5, "steps": 50, "kl_prcp": 0.3, "entropy": 0.5, "masked_entropy": 0.6, "reward": 0.0,
+             "accuracy": 0.0}
+    run = lambda steps, logged, kinds: {"label": "papo_g", "seed": 2, "train": train, "alarm": {  # noqa: E731
+        "fired": bool(steps or logged), "steps": steps, "logged_steps": logged, "kinds": kinds,
+        "agree": steps == logged}}
+    results = {"runs": [{"label": "sft", "seed": 2}, run([8, 9, 10, 14], [], ["collapse"]), run([], [], [])]}
+    fired, quiet = alarm_lines(results)
+    assert fired.startswith("- papo_g, seed 2: fired at step 8 (4 steps; collapse) "
+                            "(log: steps none; recomputed from metrics.jsonl: steps 8-10, 14);"), fired
+    assert quiet.startswith("- papo_g, seed 2: did not fire; last 5 of 50 steps:") and "accuracy 0" in quiet
