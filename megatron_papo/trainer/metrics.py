@@ -94,7 +94,8 @@ def collapse_alarm(history: list[dict[str, float]], cfg: MonitorConfig) -> str |
             if all(isinstance(r.get(k), (int, float)) and math.isfinite(r[k]) for r in base + recent)]
     return (f"training collapse: accuracy {acc_base:.3f} -> {acc_now:.3f} (below {cfg.alarm_accuracy_fraction:g}x)"
             + (f", {', '.join(seen)}" if seen else "") + f" (last {cfg.alarm_window} steps vs before); "
-            "resume from an earlier checkpoint with a lower optim.lr (or algo.gamma)")
+            "consider a new run from an earlier checkpoint (model.load=<its step folder>) with a lower optim.lr "
+            "or algo.gamma")
 
 
 def training_alarms(history: list[dict[str, float]], cfg: MonitorConfig) -> list[str]:
