@@ -54,6 +54,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from megatron_papo.folders import write_text_atomic
+from megatron_papo.trainer.metrics import ALARM_PREFIXES, MonitorConfig, training_alarms
 
 REPO = Path(__file__).resolve().parent.parent
 SCENARIOS = {"default": ("grpo", "papo_g", "papo_h"), "collapse": ("grpo", "papo_g", "papo_h")}
@@ -64,9 +65,8 @@ CURVE_KEYS = ["reward", "accuracy", "kl_prcp", "entropy", "masked_entropy", "cli
 AT_LIMIT = 0.9                # a step's responses are "at the length limit" when their mean length >= this x max_new_tokens
 SMOOTHING = 5                 # moving average of the curves (runs of at least 2 x this many steps)
 SFT = "sft"                   # the label of the warm-up checkpoint in tables
-ALARM_LINE = re.compile(r"WARNING \[step (\d+)\] (possible loss hacking|training collapse)")
-ALARM_KINDS = {"possible loss hacking": "loss hacking", "training collapse": "collapse"}  # message start -> name
-ALARMS_HEAD = "Training-health alarms (trainer/metrics.py: loss hacking, collapse)"
+ALARM_LINE = re.compile(r"WARNING \[step (\d+)\] (" + "|".join(map(re.escape, ALARM_PREFIXES.values())) + ")")
+ALARMS_HEAD = f"Training-health alarms (trainer/metrics.py: {', '.join(ALARM_PREFIXES)})"
 SFT_PRESET = "grpo"           # the warm-up's loss is SFT's whatever the preset; one preset lets scenarios share it
 SHOWN_LINES = re.compile(r"^(step |WARNING|error|nothing to do|resuming|stopping|Traceback)")
 DOCS_DEFAULT = "docs/results.md"
@@ -225,15 +225,13 @@ def alarm_verdict(run: Run, rows: list[dict], monitor: dict) -> dict:
     """The steps at which a training-health alarm fired, and which: printed in the run's log, and
     recomputed from metrics.jsonl with trainer/metrics.py training_alarms and the run's monitor
     config. A run trained before an alarm existed has none of it in its log (agree is then False)."""
-    from megatron_papo.trainer.metrics import MonitorConfig, training_alarms
-
     cfg = MonitorConfig(**monitor)
     recomputed, kinds = [], set()
     for i in range(len(rows)):
         fired = training_alarms(rows[: i + 1], cfg)
         if fired:
             recomputed.append(rows[i]["step"])
-            kinds |= {name for start, name in ALARM_KINDS.items() for a in fired if a.startswith(start)}
+            kinds |= {name for name, start in ALARM_PREFIXES.items() for a in fired if a.startswith(start)}
     log = run.folder / "train.log"
     logged = sorted({int(m.group(1)) for m in ALARM_LINE.finditer(log.read_text(errors="replace"))}) if log.is_file() else []
     logged = [s for s in logged if s <= (rows[-1]["step"] if rows else 0)]  # steps a resume redid are in the log twice

@@ -114,7 +114,6 @@ class Trainer:
                     print(f"stopping after step {self.state.step} ({why}); checkpoint saved", flush=True)
                 break
         plots = self.metrics.close()
-        self.close()
         before, after = (self.out / "validation" / f"step_{s:08d}.json" for s in (0, self.state.step))
         if self.rank == 0 and validating and self.state.step == cfg.steps and after.is_file():
             print(validation_comparison(json.loads(before.read_text()) if before.is_file() else None,
@@ -123,15 +122,15 @@ class Trainer:
             print(f"outputs: {self.out.resolve()} (metrics.jsonl, tensorboard/, checkpoints/"
                   + (f", {plots[0].name}" if plots else "") + ")", flush=True)
 
-    # ------------------------------------------------------------------ one RL step
     def close(self) -> None:
-        """Stop the rollout engine (again: a no-op). train.py calls it also when run() raised: an engine
+        """Stop the rollout engine. train.py calls it after run(), also when run() raised: an engine
         left to the interpreter's exit would tear down vLLM's process groups after torch.distributed
         is gone, and its "Invalid process group specified" would follow the real error."""
         if self.engine is not None:
             self.engine.close()
             self.engine = None
 
+    # ------------------------------------------------------------------ one RL step
     def rl_step(self, step: int) -> tuple[dict, dict]:
         cfg, phases = self.cfg, {}
         with _timed(phases, "rollout"):

@@ -25,6 +25,10 @@ SMOOTHING = 5  # steps in the moving average drawn over each curve
 PLOT_KEYS = ["reward", "accuracy", "val/accuracy", "kl_prcp", "entropy", "masked_entropy", "ref_kl", "clipfrac_high", "grad_norm"]
 
 
+# Each alarm's name and the start of its message (its WARNING line); megatron_papo.study reads logs by them.
+ALARM_PREFIXES = {"loss hacking": "possible loss hacking", "collapse": "training collapse"}
+
+
 @dataclass
 class MonitorConfig:
     tensorboard: bool = True          # also write tensorboard event files (needs the tensorboard package)
@@ -64,7 +68,7 @@ def loss_hacking_alarm(history: list[dict[str, float]], cfg: MonitorConfig) -> s
     kl_base, kl_now = _mean(base, "kl_prcp"), _mean(recent, "kl_prcp")
     rises = {k: (_mean(recent, k) - _mean(base, k)) / max(abs(_mean(base, k)), 1e-8) for k in ("entropy", "masked_entropy")}
     if kl_now > cfg.alarm_kl_factor * max(kl_base, 1e-8) and rises["masked_entropy"] >= cfg.alarm_entropy_rise:
-        return (f"possible loss hacking: KL_prcp {kl_base:.4g} -> {kl_now:.4g} (x{kl_now / max(kl_base, 1e-8):.1f}) "
+        return (f"{ALARM_PREFIXES['loss hacking']}: KL_prcp {kl_base:.4g} -> {kl_now:.4g} (x{kl_now / max(kl_base, 1e-8):.1f}) "
                 f"while masked entropy rose {rises['masked_entropy']:+.0%} (entropy {rises['entropy']:+.0%}) "
                 f"(last {cfg.alarm_window} steps vs before); consider lowering gamma or raising eta")
     return None
@@ -92,7 +96,7 @@ def collapse_alarm(history: list[dict[str, float]], cfg: MonitorConfig) -> str |
         return None
     seen = [f"{k} {_mean(base, k):.3g} -> {_mean(recent, k):.3g}" for k in ("ref_kl", "response_len")
             if all(isinstance(r.get(k), (int, float)) and math.isfinite(r[k]) for r in base + recent)]
-    return (f"training collapse: accuracy {acc_base:.3f} -> {acc_now:.3f} (below {cfg.alarm_accuracy_fraction:g}x)"
+    return (f"{ALARM_PREFIXES['collapse']}: accuracy {acc_base:.3f} -> {acc_now:.3f} (below {cfg.alarm_accuracy_fraction:g}x)"
             + (f", {', '.join(seen)}" if seen else "") + f" (last {cfg.alarm_window} steps vs before); "
             "consider a new run from an earlier checkpoint (model.load=<its step folder>) with a lower optim.lr "
             "or algo.gamma")
