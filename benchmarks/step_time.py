@@ -6,11 +6,13 @@ log-prob passes and the PPO update). PAPO's extra cost is the masked half of the
 forward over [real; masked] (reference mode); in exact mode the masked branch rides in the update's
 forward instead.
 
-    python benchmarks/step_time.py [--repeats 5] [--prompts 16] [key=value overrides]
+    python benchmarks/step_time.py [--repeats 11] [--prompts 16] [key=value overrides]
 
-Both objectives are built in one process and timed in interleaved rounds (module code: why).
+The objectives, and a second GRPO as the run's noise floor, are built in one process and timed in
+interleaved rounds (module code: why).
 Last line: `papo_over_grpo=<(logprobs + train) PAPO / GRPO, CPU time> papo_over_grpo_wall=<same,
-wall clock>` (goal for the first <= 1.20: one more no-grad forward, benchmarks/summary.py).
+wall clock> grpo_over_grpo=<the second GRPO / the first, CPU time: 1 but for noise>` (goal for the
+first <= 1.20: one more no-grad forward, benchmarks/summary.py).
 """
 from __future__ import annotations
 
@@ -74,39 +76,41 @@ def one_round(trainer, exps) -> dict[str, float]:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--prompts", type=int, default=16)
-    p.add_argument("--repeats", type=int, default=5, help="rounds of each objective (after one warm-up round)")
+    p.add_argument("--repeats", type=int, default=11, help="rounds of each objective (after one warm-up round)")
     p.add_argument("--papo-preset", default="papo_h")
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. synthetic.image_size=112")
     args = p.parse_args()
+    if args.papo_preset == "grpo":
+        p.error("--papo-preset grpo: GRPO against GRPO is already in every run (grpo_over_grpo)")
 
     from megatron_papo.parallel import destroy_model_parallel, initialize_model_parallel
 
     initialize_model_parallel(1, 1, seed=1)
     base = ["synthetic.image_size=112", "processor.max_pixels=12544", *args.overrides]
-    # labels apart from presets: `--papo-preset grpo` times GRPO against a second GRPO (the noise floor)
-    names = ("grpo", args.papo_preset if args.papo_preset != "grpo" else "grpo_again")
-    presets = {"grpo": "grpo", names[1]: args.papo_preset}
+    # A second GRPO trainer, timed like the others, is the run's own noise floor (the same work twice).
+    presets = {"grpo": "grpo", "grpo_again": "grpo", args.papo_preset: args.papo_preset}
+    names = list(presets)
     with tempfile.TemporaryDirectory() as out:
         jobs = {name: build(presets[name], base, args.prompts, os.path.join(out, name)) for name in names}
         rounds = {name: [] for name in names}
-        # Interleaved, in alternating order, so both objectives see the same machine (load, caches,
-        # clock) over the run instead of one after the other; the first round of each warms up.
+        # Interleaved, in rotating order, so all objectives see the same machine (load, caches, clock)
+        # over the run instead of one after the other; the first round of each warms up.
         for r in range(args.repeats + 1):
-            for name in (names if r % 2 == 0 else names[::-1]):
+            for name in names[r % 3:] + names[:r % 3]:
                 rounds[name].append(one_round(*jobs[name]))
     destroy_model_parallel()
     med = {name: {k: statistics.median(x[k] for x in rs[1:]) for k in rs[0]} for name, rs in rounds.items()}
-    g, q = med["grpo"], med[names[1]]
-    print(f"{'phase':<14} {'grpo s':>9} {names[1] + ' s':>9} {'ratio':>7}   (medians of {args.repeats} "
-          f"interleaved rounds)")
-    for phase in ("logprobs", "train", "cpu/logprobs", "cpu/train"):
-        print(f"{phase:<14} {g[phase]:>9.3f} {q[phase]:>9.3f} {q[phase] / g[phase]:>7.2f}")
-    wall = (q["logprobs"] + q["train"]) / (g["logprobs"] + g["train"])
-    cpu = (q["cpu/logprobs"] + q["cpu/train"]) / (g["cpu/logprobs"] + g["cpu/train"])
-    print(f"{'total (wall)':<14} {g['logprobs'] + g['train']:>9.3f} {q['logprobs'] + q['train']:>9.3f} {wall:>7.2f}")
-    print(f"{'total (cpu)':<14} {g['cpu/logprobs'] + g['cpu/train']:>9.3f} {q['cpu/logprobs'] + q['cpu/train']:>9.3f} "
-          f"{cpu:>7.2f}")
-    print(f"papo_over_grpo={cpu:.3f} papo_over_grpo_wall={wall:.3f}")
+    print(f"{'phase':<14} " + " ".join(f"{name + ' s':>13}" for name in names)
+          + f" {'ratio':>7}   (medians of {args.repeats} interleaved rounds; ratio: {names[2]} / grpo)")
+    total = {name: {"total (wall)": m["logprobs"] + m["train"], "total (cpu)": m["cpu/logprobs"] + m["cpu/train"]}
+             for name, m in med.items()}
+    for phase in ("logprobs", "train", "cpu/logprobs", "cpu/train", "total (wall)", "total (cpu)"):
+        values = [{**med[name], **total[name]}[phase] for name in names]
+        print(f"{phase:<14} " + " ".join(f"{v:>13.3f}" for v in values) + f" {values[2] / values[0]:>7.2f}")
+    cpu = total[names[2]]["total (cpu)"] / total["grpo"]["total (cpu)"]
+    wall = total[names[2]]["total (wall)"] / total["grpo"]["total (wall)"]
+    control = total["grpo_again"]["total (cpu)"] / total["grpo"]["total (cpu)"]
+    print(f"papo_over_grpo={cpu:.3f} papo_over_grpo_wall={wall:.3f} grpo_over_grpo={control:.3f}")
     return 0
 
 

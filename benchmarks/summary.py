@@ -29,6 +29,8 @@ GOALS = {
     "rollout_scaling": [("gen_speedup", ">=", 1.6, "2 TP1 engines vs 1"), ("sync_ratio", "<=", 1.0, "")],
     "step_time": [("papo_over_grpo", "<=", 1.20, "")],
     "micro_batching": [("time_ratio", "<", 1.0, "tokens vs fixed micro-batches")],
+    "attention": [("lm_time_ratio", "<", 1.0, "torch SDPA vs megatron's local attention"),
+                  ("vision_time_ratio", "<", 1.0, "same, ViT window / image segments")],
 }
 COMPARE = {"<=": operator.le, "<": operator.lt, ">=": operator.ge, ">": operator.gt}
 _PAIR = r"[A-Za-z_][\w.]*=\S+"

@@ -7,8 +7,8 @@ import pytest
 import torch
 from transformers.vision_utils import get_vision_window_index
 
-from megatron_papo.models.qwen2_5_vl import hf_mapping, vision
-from megatron_papo.models.qwen2_5_vl.vision import image_groups, window_order
+from megatron_papo.models.qwen2_5_vl import hf_mapping
+from megatron_papo.models.qwen2_5_vl.vision import window_order
 from megatron_papo.parallel import destroy_model_parallel, initialize_model_parallel
 from tests.dist.vision_worker import (
     GRIDS,
@@ -36,12 +36,11 @@ def tp1():
     destroy_model_parallel()
 
 
-@pytest.mark.parametrize("group_rows", [512, 90, 30], ids=["one_call", "two_groups", "each_alone"])
-@pytest.mark.parametrize("grids", [GRIDS, [(2, 4, 8), (1, 10, 6), (1, 2, 2)]], ids=["images", "video+images"])
-def test_tp1_matches_transformers_outputs_and_grads(tp1, grids, group_rows, monkeypatch):
-    """Also with the local path's images in groups (LOCAL_GROUP_ROWS): one call, some grouped, or
-    each alone (an image over the limit goes alone)."""
-    monkeypatch.setattr(vision, "LOCAL_GROUP_ROWS", group_rows)
+@pytest.mark.parametrize("grids", [GRIDS, [(2, 4, 8), (1, 10, 6), (1, 2, 2)], [(1, 8, 8)] * 3],
+                         ids=["images", "video+images", "equal_images"])
+def test_tp1_matches_transformers_outputs_and_grads(tp1, grids):
+    """Mixed sizes (segments of several lengths, gathered per length) and equal images (one length: the
+    segment attention's no-gather path)."""
     cfg, visual, model = tp1
     visual.zero_grad()
     pixels, grid, out_weight = inputs(cfg, grids)
@@ -83,13 +82,6 @@ def test_window_and_full_attention_both_matter(tp1):
         finally:
             for layer, kind in zip(model.decoder.layers, kinds):
                 layer.full_attention = kind
-
-
-def test_image_groups():
-    grid = torch.tensor([(1, 4, 6), (1, 8, 8), (1, 6, 4), (2, 4, 8), (1, 2, 2)])  # 24, 64, 24, 64, 4 rows
-    assert image_groups(grid, 512) == [slice(0, 5)]
-    assert image_groups(grid, 90) == [slice(0, 2), slice(2, 4), slice(4, 5)]
-    assert image_groups(grid, 30) == [slice(0, 1), slice(1, 2), slice(2, 3), slice(3, 4), slice(4, 5)]
 
 
 @pytest.mark.parametrize("grids", [GRIDS, [(1, 2, 2)], [(2, 4, 8), (1, 10, 6)]])

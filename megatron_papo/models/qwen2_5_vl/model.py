@@ -21,6 +21,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
+from megatron_papo.models.qwen2_5_vl.attention import TorchAttention
 from megatron_papo.models.qwen2_5_vl.flavors import Qwen2_5_VLConfig
 from megatron_papo.models.qwen2_5_vl.hf_mapping import padded_vocab_size
 from megatron_papo.models.qwen2_5_vl.vision import Qwen2_5_VisionModel, vision_transformer_config
@@ -78,12 +79,15 @@ def language_transformer_config(cfg: Qwen2_5_VLConfig, opts: ModelParallelOption
 
 
 def language_block_spec(tc: TransformerConfig, use_te: bool) -> TransformerBlockSubmodules:
-    """This stage's decoder layers. Local specs use our RMSNorm (WrappedTorchNorm refuses SP)."""
+    """This stage's decoder layers. Local specs use our RMSNorm (WrappedTorchNorm refuses SP) and
+    torch's fused attention (TorchAttention)."""
     if use_te:
         return get_gpt_decoder_block_spec(tc, use_transformer_engine=True, normalization="RMSNorm")
     layer = get_gpt_layer_local_spec(normalization="RMSNorm")
+    attention = dataclasses.replace(layer.submodules.self_attention, submodules=dataclasses.replace(
+        layer.submodules.self_attention.submodules, core_attention=TorchAttention))
     layer = dataclasses.replace(layer, submodules=dataclasses.replace(
-        layer.submodules, input_layernorm=RMSNorm, pre_mlp_layernorm=RMSNorm))
+        layer.submodules, input_layernorm=RMSNorm, pre_mlp_layernorm=RMSNorm, self_attention=attention))
     return TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(tc), layer_norm=RMSNorm)
 
 

@@ -9,7 +9,8 @@ pixel_values [N, patch_dim] (N patch rows of all images, in the HF processor's 2
   -> undo the window reordering: [N / merge^2, llm_hidden] in HF's output order.
 
 Images are packed without padding. Attention spans are block-diagonal; how they reach the attention
-kernel (boolean masks for the local spec, THD cu_seqlens for TE) is decided in `attention_spans`.
+kernel (each row's segment id for the local spec's TorchAttention, THD cu_seqlens for TE) is decided
+in `attention_spans`.
 Every layer gets both spans and takes its own (`VisionTransformerLayer`), so megatron's
 TransformerBlock, recompute included, runs unchanged.
 """
@@ -24,7 +25,6 @@ from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
-from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.module import MegatronModule
@@ -33,6 +33,7 @@ from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
+from megatron_papo.models.qwen2_5_vl.attention import TorchAttention
 from megatron_papo.models.qwen2_5_vl.flavors import Qwen2_5_VLConfig, VisionConfig
 from megatron_papo.parallel.backend import use_transformer_engine
 from megatron_papo.parallel.norm import RMSNorm
@@ -78,7 +79,7 @@ def vision_transformer_config(vision: VisionConfig, **overrides) -> TransformerC
 class VisionTransformerLayer(TransformerLayer):
     """A ViT block whose attention span is fixed by its index: window, or the whole image.
 
-    The block hands every layer both spans stacked along dim 0 (attention_mask [2, b, 1, s, s] or
+    The block hands every layer both spans stacked along dim 0 (attention_mask = segment ids [2, s] or
     packed_seq_params (window, full)); the layer keeps its own and runs megatron's layer unchanged.
     """
 
@@ -111,7 +112,7 @@ def vision_layer_spec(vision: VisionConfig, use_te: bool) -> ModuleSpec:
             TEColumnParallelLinear, TERowParallelLinear, TEDotProductAttention, AttnMaskType.no_mask)
     else:
         column, row, core_attention, mask_type = (
-            tensor_parallel.ColumnParallelLinear, tensor_parallel.RowParallelLinear, DotProductAttention,
+            tensor_parallel.ColumnParallelLinear, tensor_parallel.RowParallelLinear, TorchAttention,
             AttnMaskType.padding)
     norm = vision_norm(use_te)
     return ModuleSpec(
@@ -153,6 +154,14 @@ def check_vision_inputs(vision: VisionConfig, pixel_values: torch.Tensor, image_
                          f"has {pixel_values.shape[0]} rows")
 
 
+def per_image(image_grid_thw: torch.Tensor, one) -> list:
+    """[one(t, h, w) for each image], computed once per distinct (t, h, w): a batch's images mostly
+    share a few sizes, and [real; masked] repeats every one."""
+    shapes = [tuple(s) for s in image_grid_thw.tolist()]
+    done = {s: one(*s) for s in dict.fromkeys(shapes)}
+    return [done[s] for s in shapes]
+
+
 def window_order(vision: VisionConfig, image_grid_thw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Window-major permutation of merge units, and the patch count of each window.
 
@@ -161,16 +170,18 @@ def window_order(vision: VisionConfig, image_grid_thw: torch.Tensor) -> tuple[to
     """
     merge = vision.spatial_merge_size
     side = vision.window_size // vision.patch_size // merge
-    orders, lengths, offset = [], [], 0
-    for t, h, w in image_grid_thw.tolist():
+
+    def one(t, h, w):
         gh, gw = h // merge, w // merge
         nh, nw = math.ceil(gh / side), math.ceil(gw / side)
         f, y, x = torch.meshgrid(torch.arange(t), torch.arange(gh), torch.arange(gw), indexing="ij")
         window = ((f * nh + y // side) * nw + x // side).flatten()
-        orders.append(torch.argsort(window, stable=True) + offset)
-        lengths.append(torch.bincount(window, minlength=t * nh * nw) * merge**2)
-        offset += t * gh * gw
-    return torch.cat(orders), torch.cat(lengths)
+        return torch.argsort(window, stable=True), torch.bincount(window, minlength=t * nh * nw) * merge**2
+
+    orders, lengths = zip(*per_image(image_grid_thw, one))
+    units = torch.tensor([len(o) for o in orders])
+    offsets = torch.repeat_interleave(units.cumsum(0) - units, units)  # each image's first unit
+    return torch.cat(orders) + offsets, torch.cat(lengths)
 
 
 def image_lengths(image_grid_thw: torch.Tensor) -> torch.Tensor:
@@ -183,13 +194,15 @@ def rotary_freqs(vision: VisionConfig, image_grid_thw: torch.Tensor) -> torch.Te
     """2-D rotary angles [N, head_dim] per patch row (processor order): the first half of each
     head_dim/2 block rotates with the patch row y, the second with the column x; rotate-half style."""
     merge = vision.spatial_merge_size
-    positions = []
-    for t, h, w in image_grid_thw.tolist():
+
+    def one(t, h, w):
         # processor row -> (y, x): rows come in merge x merge groups, groups row-major over the image
         unit, inner = torch.arange(h * w).div(merge**2, rounding_mode="floor"), torch.arange(h * w) % merge**2
         y = unit.div(w // merge, rounding_mode="floor") * merge + inner.div(merge, rounding_mode="floor")
         x = unit % (w // merge) * merge + inner % merge
-        positions.append(torch.stack([y, x], -1).repeat(t, 1))
+        return torch.stack([y, x], -1).repeat(t, 1)
+
+    positions = per_image(image_grid_thw, one)
     yx = torch.cat(positions).float()  # [N, 2]
     quarter = vision.head_dim // 4
     inv_freq = 1.0 / ROPE_THETA ** (torch.arange(quarter, dtype=torch.float) / quarter)
@@ -197,32 +210,12 @@ def rotary_freqs(vision: VisionConfig, image_grid_thw: torch.Tensor) -> torch.Te
     return torch.cat([half, half], -1)
 
 
-# The local spec's boolean masks make every attention dense over all rows of a call, (rows)^2 work
-# of which only the block-diagonal part counts: its path runs the images in groups of at most this
-# many rows (an image with more goes alone). Images never attend to each other, so the values are
-# the same. Tiny flavor on CPU, 20 and 40 images of 64 rows: 512 rows ~2.5x faster than one call
-# (one image per call loses to the per-call overhead).
-LOCAL_GROUP_ROWS = 512
-
-
-def image_groups(image_grid_thw: torch.Tensor, max_rows: int) -> list[slice]:
-    """Consecutive images in groups of at most max_rows patch rows (an image with more goes alone)."""
-    groups, rows = [], 0
-    for i, n in enumerate(image_grid_thw.prod(-1).tolist()):
-        if groups and rows + n <= max_rows:
-            groups[-1], rows = slice(groups[-1].start, i + 1), rows + n
-        else:
-            groups.append(slice(i, i + 1))
-            rows = n
-    return groups
-
-
 def attention_spans(lengths: tuple[torch.Tensor, torch.Tensor], use_te: bool, device: torch.device):
     """The one place that chooses how block-diagonal attention reaches the kernel.
 
     lengths: (window span lengths, full span lengths), in patches, in sequence order.
-    Returns (attention_mask, packed_seq_params): local spec: boolean masks [2, 1, 1, s, s]
-    (True = masked); TE: THD PackedSeqParams per span kind.
+    Returns (attention_mask, packed_seq_params): local spec: each row's segment id per span kind
+    [2, s] (TorchAttention's segment attention); TE: THD PackedSeqParams per span kind.
     """
     if use_te:
         params = []
@@ -232,11 +225,8 @@ def attention_spans(lengths: tuple[torch.Tensor, torch.Tensor], use_te: bool, de
             params.append(PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
                                           max_seqlen_q=longest, max_seqlen_kv=longest))
         return None, tuple(params)
-    masks = []
-    for span in lengths:
-        segment = torch.repeat_interleave(torch.arange(len(span), device=device), span.to(device))
-        masks.append(segment[:, None] != segment[None, :])
-    return torch.stack(masks)[:, None, None], None
+    return torch.stack([torch.repeat_interleave(torch.arange(len(span), device=device), span.to(device))
+                        for span in lengths]), None
 
 
 # ---- modules ----
@@ -286,14 +276,6 @@ class Qwen2_5_VisionModel(MegatronModule):
 
     def forward(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
         check_vision_inputs(self.vision, pixel_values, image_grid_thw)
-        if self.use_te:  # THD kernels: linear in the rows
-            return self._forward(pixel_values, image_grid_thw)
-        groups = image_groups(image_grid_thw, LOCAL_GROUP_ROWS)
-        rows = image_grid_thw.prod(-1).tolist()
-        pieces = pixel_values.split([sum(rows[g]) for g in groups])
-        return torch.cat([self._forward(p, image_grid_thw[g]) for p, g in zip(pieces, groups)])
-
-    def _forward(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
         unit = self.vision.spatial_merge_size**2
         order, window_lengths = window_order(self.vision, image_grid_thw)
         order = order.to(pixel_values.device)
