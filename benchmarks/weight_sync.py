@@ -99,7 +99,13 @@ def main():
     buckets = [float(b) for b in args.buckets.split(",")]
 
     from megatron_papo.models.qwen2_5_vl import parity
-    from megatron_papo.models.qwen2_5_vl.hf_io import HFReader, gather_hf_tensors, load_hf_weights, write_hf_folder
+    from megatron_papo.models.qwen2_5_vl.hf_io import (
+        HFReader,
+        copy_model_files,
+        gather_hf_tensors,
+        load_hf_weights,
+        write_hf_folder,
+    )
     from megatron_papo.models.qwen2_5_vl.model import ModelParallelOptions, build_model
     from megatron_papo.models.qwen2_5_vl.param_binding import hf_param_rules
     from megatron_papo.parallel import ParallelContext, destroy_model_parallel, initialize_model_parallel
@@ -153,6 +159,8 @@ def main():
         if rank == 0:
             shutil.rmtree(disk_dir, ignore_errors=True)
             write_hf_folder(disk_dir, cfg, tensors.items())
+            # vLLM's reload makes this the model folder, whose processor it reads for the next images
+            copy_model_files(init_dir, disk_dir)
         dist.barrier()
         engine.load_weights_from_folder(str(disk_dir))
         return sum(t.numel() * t.element_size() for t in tensors.values())
