@@ -11,7 +11,8 @@ Both get the same inputs; the outputs agree (checked here, and in tests/test_att
 
     python benchmarks/attention.py [--repeats 7]
 
-Last line: `lm_time_ratio=<ours / megatron local> vision_time_ratio=<same>` (CPU time, medians).
+Last line: `lm_time_ratio=<ours / megatron local, the worse of the two LM shapes>
+vision_time_ratio=<ours / the old path, both span kinds' times summed>` (CPU time, medians).
 """
 from __future__ import annotations
 

@@ -97,7 +97,7 @@ def main() -> int:
         # Interleaved, in rotating order, so all objectives see the same machine (load, caches, clock)
         # over the run instead of one after the other; the first round of each warms up.
         for r in range(args.repeats + 1):
-            for name in names[r % 3:] + names[:r % 3]:
+            for name in names[r % len(names):] + names[:r % len(names)]:
                 rounds[name].append(one_round(*jobs[name]))
     destroy_model_parallel()
     med = {name: {k: statistics.median(x[k] for x in rs[1:]) for k in rs[0]} for name, rs in rounds.items()}

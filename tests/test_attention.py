@@ -10,9 +10,9 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron_papo.models.qwen2_5_vl.attention import TorchAttention
 
 
-def config(heads, groups, head_dim=8, attention_dropout=0.0):
+def config(heads, groups, head_dim=8, **options):
     return TransformerConfig(num_layers=1, hidden_size=heads * head_dim, num_attention_heads=heads,
-                             num_query_groups=groups, kv_channels=head_dim, attention_dropout=attention_dropout)
+                             num_query_groups=groups, kv_channels=head_dim, **{"attention_dropout": 0.0, **options})
 
 
 def plain(q, k, v, masked):
@@ -65,6 +65,17 @@ def test_segments_attend_within_themselves(lengths):
     check(module, qkv(sum(lengths), 1, 2, 2), blocks, segments)
 
 
-def test_refuses_what_it_does_not_implement():
-    with pytest.raises(ValueError, match="attention_dropout=0"):
-        TorchAttention(config(2, 2, attention_dropout=0.1), 1, AttnMaskType.causal, "self")
+@pytest.mark.parametrize("options", [{"attention_dropout": 0.1}, {"softmax_type": "off-by-one"},
+                                     {"apply_query_key_layer_scaling": True, "fp16": True}],
+                         ids=["dropout", "softmax_type", "qk_layer_scaling"])
+def test_refuses_what_it_does_not_implement(options):
+    with pytest.raises(ValueError, match="attention_dropout=0, context_parallel_size=1"):
+        TorchAttention(config(2, 2, **options), 1, AttnMaskType.causal, "self")
+
+
+def test_padding_type_takes_segment_ids_only():
+    module = TorchAttention(config(2, 2), 1, AttnMaskType.padding, "self")
+    q, k, v = qkv(4, 1, 2, 2)
+    for mask in (None, torch.zeros(1, 1, 4, 4, dtype=torch.bool)):
+        with pytest.raises(ValueError, match="segment id"):
+            module(q, k, v, mask)

@@ -3,10 +3,11 @@
 
 megatron's own local `DotProductAttention` materialises the [b, heads, s, s] scores and softmax
 (and a dense boolean mask), and has no variable-length form. This module takes the same inputs and
-lets torch pick its fused kernel (flash / memory-efficient on GPU, the flash kernel on CPU):
+lets torch pick its fused kernel (on CPU the profile shows its flash kernel; on GPU torch chooses
+among its fused kernels, not measured here: no GPU was lent):
 - the language model: causal (attn_mask_type causal, attention_mask None), or megatron's boolean
   mask [b, 1, sq, sk] with True = masked out;
-- the vision tower: `segments`, each row's segment id [s] (rows of a segment are contiguous): a row
+- the vision tower (attn_mask_type padding): `segments`, each row's segment id [s] (rows of a segment are contiguous): a row
   attends within its segment only (a window or a whole image). Segments of equal length run as one
   batch, so the work is that of the segments, not of the dense [s, s] block-diagonal.
 """
@@ -19,7 +20,6 @@ import torch.nn.functional as F
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
-from megatron.core.utils import divide
 
 
 class TorchAttention(MegatronModule):
@@ -36,9 +36,6 @@ class TorchAttention(MegatronModule):
             raise ValueError("TorchAttention supports attention_dropout=0, context_parallel_size=1, "
                              "softmax_type='vanilla' and no query-key layer scaling (Qwen2.5-VL's settings); "
                              "use the transformer-engine spec for others")
-        tp = pg_collection.tp.size() if pg_collection is not None else 1
-        self.heads = divide(config.num_attention_heads, tp)
-        self.groups = divide(config.num_query_groups, tp)
         self.attn_mask_type = attn_mask_type
         self.scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(config.kv_channels)
 
@@ -47,7 +44,10 @@ class TorchAttention(MegatronModule):
         if packed_seq_params is not None or attention_bias is not None:
             raise ValueError("TorchAttention takes no packed_seq_params or attention_bias")
         mask_type = attn_mask_type or self.attn_mask_type
-        if mask_type == AttnMaskType.padding and attention_mask is not None and attention_mask.dim() == 1:
+        if mask_type == AttnMaskType.padding:  # the ViT's spans
+            if attention_mask is None or attention_mask.dim() != 1:
+                raise ValueError("TorchAttention with attn_mask_type padding takes each row's segment id [s] "
+                                 f"as attention_mask, got {None if attention_mask is None else tuple(attention_mask.shape)}")
             return self._segments(query, key, value, attention_mask)
         q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))  # [b, heads, s, hn]
         mask = None if attention_mask is None else ~attention_mask
@@ -56,8 +56,9 @@ class TorchAttention(MegatronModule):
         return out.permute(2, 0, 1, 3).reshape(query.shape[0], query.shape[1], -1)
 
     def _sdpa(self, q, k, v, mask, causal):
+        # [..., heads, s, hn]: fewer key/value heads than query heads is grouped-query attention
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale,
-                                              enable_gqa=self.groups != self.heads)
+                                              enable_gqa=k.shape[-3] != q.shape[-3])
 
     def _segments(self, query, key, value, segments):
         """Block-diagonal attention of contiguous segments ([s, b=1, heads, hn] inputs)."""
