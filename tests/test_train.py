@@ -248,13 +248,28 @@ def _latest(out: Path) -> int:
 
 def _unreferenced(names: set[str]) -> set[str]:
     """The /dev/shm entries among `names` that no living process holds open or mapped: what a killed
-    job left behind. (Other tests may run beside this one, with shared memory of their own in use.)"""
+    job left behind. (Other tests may run beside this one, with shared memory of their own in use.)
+    Held files are matched by inode, not name: glibc's sem_open maps a temporary file that it then
+    links to the semaphore's name, so its creator's maps show `/dev/shm/sem.XXXXXX (deleted)`."""
+    shm = Path("/dev/shm")
+    inodes = {}
+    for n in names:
+        with contextlib.suppress(FileNotFoundError):
+            inodes[(shm / n).stat().st_ino] = n
+    shm_dev = shm.stat().st_dev
     held = set()
     for p in psutil.process_iter():
-        with contextlib.suppress(psutil.Error):
-            held.update(Path(m.path).name for m in p.memory_maps(grouped=True) if m.path.startswith("/dev/shm/"))
-            held.update(Path(f.path).name for f in p.open_files() if f.path.startswith("/dev/shm/"))
-    return {n for n in names if n not in held and (Path("/dev/shm") / n).exists()}
+        with contextlib.suppress(psutil.Error, OSError):
+            for line in Path(f"/proc/{p.pid}/maps").read_text().splitlines():
+                fields = line.split(maxsplit=5)
+                if len(fields) == 6 and fields[5].startswith("/dev/shm/"):
+                    held.add(int(fields[4]))
+            for fd in Path(f"/proc/{p.pid}/fd").iterdir():
+                with contextlib.suppress(OSError):
+                    st = fd.stat()
+                    if st.st_dev == shm_dev:
+                        held.add(st.st_ino)
+    return {n for ino, n in inodes.items() if ino not in held and (shm / n).exists()}
 
 
 @pytest.mark.timeout(900)
