@@ -40,6 +40,7 @@ bench: venv
 	OMP_NUM_THREADS=1 $(PY) benchmarks/step_time.py 2>&1 | tee $(BENCH_LOGS)/step_time.log
 	OMP_NUM_THREADS=1 $(PY) benchmarks/micro_batching.py 2>&1 | tee $(BENCH_LOGS)/micro_batching.log
 	OMP_NUM_THREADS=1 $(PY) benchmarks/attention.py 2>&1 | tee $(BENCH_LOGS)/attention.log
+	OMP_NUM_THREADS=1 $(PY) benchmarks/logits_window.py 2>&1 | tee $(BENCH_LOGS)/logits_window.log
 	$(PY) benchmarks/summary.py --logs $(BENCH_LOGS)
 
 # Re-resolve requirements.lock after editing requirements.in. torchaudio/torchcodec (pulled by

@@ -31,6 +31,8 @@ GOALS = {
     "micro_batching": [("time_ratio", "<", 1.0, "tokens vs fixed micro-batches")],
     "attention": [("lm_time_ratio", "<", 1.0, "torch SDPA vs megatron's local attention"),
                   ("vision_time_ratio", "<", 1.0, "same, ViT window / image segments")],
+    "logits_window": [("window_time_ratio", "<", 1.0, "output layer on the loss's positions vs all"),
+                      ("window_logits_ratio", "<", 1.0, "same, logits computed")],
 }
 COMPARE = {"<=": operator.le, "<": operator.lt, ">=": operator.ge, ">": operator.gt}
 _PAIR = r"[A-Za-z_][\w.]*=\S+"

@@ -15,6 +15,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.mark.parametrize("name,args", [
     ("attention", ["--repeats", "1"]),
+    ("logits_window", ["--repeats", "1", "--prompts", "2"]),
     ("step_time", ["--repeats", "1", "--prompts", "2"]),
     ("loss_memory", ["--tokens", "64", "--vocab", "4096", "--iters", "1", "--peer-tokens", "64", "--peer-iters", "1"]),
     ("patch_mask", ["--images", "4", "--repeats", "1"]),

@@ -1,6 +1,7 @@
 """Megatron Qwen2.5-VL vs transformers (fp32, tiny flavor, images of different sizes): logits at
 TP1PP1/TP2PP1/TP1PP2/TP2PP2 (+SP, +recompute) within 1e-4, grads equal TP1PP1's and transformers' within
-1e-5 of each tensor's own largest grad; the recompute layout really re-runs every layer's forward;
+1e-5 of each tensor's own largest grad, also with logits from a middle position on only; the
+recompute layout really re-runs every layer's forward;
 mrope position ids equal transformers' get_rope_index; spec selection picks local without TE."""
 import re
 
@@ -19,8 +20,10 @@ def test_parallel_layouts_match_transformers(tmp_path):
     out = run_distributed("tests/dist/model_parity.py", 4, args=(hf_dir,), timeout=500)
     # ranks print concurrently, so a line may run straight into another rank's text: match the number only
     diffs = [float(x) for x in re.findall(r"max_abs_logit_diff_vs_hf=(\d+(?:\.\d*)?(?:e[-+]?\d+)?)", out)]
-    # every last-stage rank prints: 4 + 4 + 2 + 2 + 4 (SP) + 2 (recompute)
-    assert len(diffs) == 18 and max(diffs) <= 1e-4, out[-3000:]
+    # every last-stage rank prints: 4 + 4 + 2 + 2 + 4 (SP) + 2 (recompute), for all positions and
+    # again for logits from a middle position on (with its grads, checked in the worker)
+    assert len(diffs) == 2 * 18 and max(diffs) <= 1e-4, out[-3000:]
+    assert len(re.findall(r"logits_from=\d+ max_abs_logit_diff_vs_hf=", out)) == 18, out[-3000:]
     assert len(re.findall(r"max_rel_diff_vs_tp1=", out)) == 4 * 5
     # layer forwards per forward+backward, every rank of every layout: twice only under full recompute
     runs = re.findall(r"forward_runs=(\d)", out)

@@ -30,6 +30,26 @@ def test_collate_alignment_and_round_trip():
     assert collate(exps, pad_id=0, pad_to_multiple=4).input_ids.shape == (2, 8)
 
 
+def test_window_from_the_logits_start():
+    """A loss reads logits from the shortest prompt's last token on; the window of the batch there
+    lines up every per-position field with those logits, and its values map back to the responses."""
+    exps = [_exp(0, [5, 6, 7, 4], [8, 9]), _exp(1, [5, 6, 7], [10, 11, 12]), _exp(2, [5, 6, 7, 4, 4], [3])]
+    mb = collate(exps, pad_id=0)  # S = 6
+    assert mb.logits_start() == 2 and mb.logits_start(multiple=4) == 2 and mb.logits_start(multiple=3) == 0
+    w = mb.window(2)
+    assert w.first_position == 2 and w.input_ids.tolist() == [row[2:] for row in mb.input_ids.tolist()]
+    for name in ("targets", "response_mask", "advantages", "old_logp"):
+        assert torch.equal(getattr(w, name), getattr(mb, name)[:, 2:]), name
+    assert w.response_mask.sum() == mb.response_mask.sum()  # no response position is cut off
+    assert torch.equal(w.prompt_mask, mb.prompt_mask[:, 2:]) and torch.equal(w.pixel_values, mb.pixel_values)
+    ww = w.window(1)  # a window of a window counts from the sequence's start
+    assert ww.first_position == 3 and torch.equal(ww.targets, mb.targets[:, 3:])
+    back = split_response_values(w.old_logp, exps, w.first_position)
+    assert [t.tolist() for t in back] == [e.old_logp.tolist() for e in exps]
+    with pytest.raises(ValueError, match="sample 1's response starts before column 0"):
+        split_response_values(ww.old_logp, exps, ww.first_position)
+
+
 def test_errors_and_chunks():
     with pytest.raises(ValueError, match="empty response"):
         collate([_exp(0, [1, 2], [])], pad_id=0)

@@ -53,8 +53,10 @@ def test_update_minimises_papo_loss_of_its_inputs(preset, tmp_path):
 def test_masked_logp_from_the_stacked_forward_equals_separate_forwards(tmp_path):
     """PAPO's reference mode: compute_logprobs gets old_logp and masked_logp from one forward over
     [real; masked] (2 micro-batches of 2 + 2 sequences); one forward with the real images and one with
-    the masked images give the same values."""
+    the masked images give the same values. Both equal a plain full-vocabulary log-softmax of the
+    policy's logits at every position (the trainer computes the output layer from the shortest
+    prompt's end on only), with prompts of two lengths in the micro-batch."""
     line = next(l for l in _run("papo_h", "stacked", tmp_path).splitlines() if l.startswith("STACKED"))
-    diff, gap = map(float, line.split()[1:])
-    assert diff <= 1e-6, line
+    diff, gap, plain, prompt_lengths = map(float, line.split()[1:])
+    assert diff <= 1e-6 and plain <= 2e-6 and prompt_lengths == 2, line
     assert gap > 1e-3, line  # the masked image changes the log-probs: the comparison can fail

@@ -7,6 +7,7 @@ pads a list of them into a `MicroBatch` on the right; per-token tensors are alig
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, fields
 
 import torch
@@ -67,12 +68,31 @@ class MicroBatch:
     ref_logp: torch.Tensor | None = None
     masked_logp: torch.Tensor | None = None
     position_ids: torch.Tensor | None = None  # [3, B, S] mrope positions (set by the model side)
+    first_position: int = 0        # sequence position of column 0: > 0 in a window() of the batch
+
+    # the fields with one value per sequence position, in their last dimension
+    PER_POSITION = ("input_ids", "targets", "response_mask", "advantages", "old_logp", "ref_logp", "masked_logp",
+                    "position_ids")
 
     @property
     def prompt_mask(self) -> torch.Tensor:
         """[B, S] bool: True on prompt tokens (where images enter and count for the rope)."""
-        steps = torch.arange(self.input_ids.shape[1], device=self.input_ids.device)
+        steps = torch.arange(self.input_ids.shape[1], device=self.input_ids.device) + self.first_position
         return steps[None, :] < self.prompt_lengths[:, None]
+
+    def logits_start(self, multiple: int = 1) -> int:
+        """The first position whose logits a loss reads: the shortest prompt's last token (it predicts
+        that row's first response token), moved back so that the positions from it on are a multiple
+        of `multiple` (sequence parallel splits them over TP)."""
+        seq = self.input_ids.shape[1]
+        start = int(self.prompt_lengths.min()) - 1
+        return max(seq - -(-(seq - start) // multiple) * multiple, 0)
+
+    def window(self, start: int) -> "MicroBatch":
+        """The batch seen from sequence position `start` on: per-position fields cut there (they line
+        up with logits from `start` on); images and per-row fields unchanged."""
+        cut = {name: v[..., start:] for name in self.PER_POSITION if (v := getattr(self, name)) is not None}
+        return dataclasses.replace(self, **cut, first_position=self.first_position + start)
 
     def to(self, device) -> "MicroBatch":
         moved = {f.name: (v.to(device) if isinstance(v := getattr(self, f.name), torch.Tensor) else v)
@@ -123,11 +143,15 @@ def collate(exps: list[Experience], pad_id: int, pad_to_multiple: int = 1) -> Mi
     )
 
 
-def split_response_values(values: torch.Tensor, exps: list[Experience]) -> list[torch.Tensor]:
-    """Inverse of the scatter in `collate`: [B, S] per-target values -> per-experience response values."""
+def split_response_values(values: torch.Tensor, exps: list[Experience], first_position: int = 0) -> list[torch.Tensor]:
+    """Inverse of the scatter in `collate`: [B, S] per-target values (column 0 at sequence position
+    `first_position`: a MicroBatch.window's) -> per-experience response values."""
     out = []
     for b, e in enumerate(exps):
-        p, r = len(e.prompt_ids), len(e.response_ids)
+        p, r = len(e.prompt_ids) - first_position, len(e.response_ids)
+        if p < 1:
+            raise ValueError(f"split_response_values: sample {e.sample_id}'s response starts before column 0 "
+                             f"(first_position={first_position})")
         out.append(values[b, p - 1: p - 1 + r].detach().float().clone())
     return out
 

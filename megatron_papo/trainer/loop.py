@@ -273,10 +273,10 @@ class Trainer:
         images, and with a second attr into attrs[1] from the masked ones, in the same forward over
         [real; masked] (the same tokens twice, only the pixels differ)."""
 
-        def on_logits(mb, logits):  # logits: [len(attrs) * B, S, V/TP]
+        def on_logits(mb, logits):  # logits: [len(attrs) * B, S', V/TP] (mb: the window they cover)
             targets = mb.targets.repeat(len(attrs), 1)
             logp = vocab_parallel_logprob(logits, targets, self.tp_group, temperature, self.model_cfg.vocab_size)
-            return logp.sum() * 0.0, {"logp": logp.detach().cpu()}
+            return logp.sum() * 0.0, {"logp": logp.detach().cpu(), "first_position": mb.first_position}
 
         for m in model_chunks:
             m.eval()
@@ -287,7 +287,7 @@ class Trainer:
         if self.last_stage:
             for chunk, out in zip(chunks, outs):
                 for attr, values in zip(attrs, out["logp"].chunk(len(attrs))):
-                    for e, v in zip(chunk, split_response_values(values, chunk)):
+                    for e, v in zip(chunk, split_response_values(values, chunk, out["first_position"])):
                         setattr(e, attr, v)
 
     def update(self, exps: list[Experience]) -> dict:

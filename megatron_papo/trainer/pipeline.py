@@ -2,7 +2,9 @@
 
 `run_micro_batches` is the one place the trainer calls megatron's forward/backward schedule. The
 per-micro-batch function `on_logits(mb, logits)` runs on the last pipeline stage with this
-stage's vocab-parallel logits [B, S, V_padded/TP] and returns (loss, outputs):
+stage's vocab-parallel logits [B, S', V_padded/TP] from the micro-batch's `logits_start` on, and
+`mb` its `window` from there (losses read response positions only; the prompt's logits are never
+computed). It returns (loss, outputs):
 - training (forward_only=False): `loss` is what megatron back-propagates (it divides it by the
   number of micro-batches, which is the reference's "mean over micro-batches");
 - forward_only: `loss` is ignored; `outputs` (per-token tensors, metrics) are collected.
@@ -61,9 +63,10 @@ def run_micro_batches(model_chunks: list[torch.nn.Module], micro_batches: list[M
         raise ValueError(f"images must be one of {IMAGE_BRANCHES}, got {images!r}")
     if not micro_batches:
         return []
-    model_cfg = _unwrap(model_chunks[0]).model_cfg
+    model_cfg, config = _unwrap(model_chunks[0]).model_cfg, _unwrap(model_chunks[0]).config
     device = next(model_chunks[0].parameters()).device
     batches = [add_position_ids(mb, model_cfg).to(device) for mb in micro_batches]
+    sequence_split = config.tensor_model_parallel_size if config.sequence_parallel else 1
     outputs: list[dict] = []
 
     def loss_func(mb: MicroBatch, logits: torch.Tensor):
@@ -74,8 +77,9 @@ def run_micro_batches(model_chunks: list[torch.nn.Module], micro_batches: list[M
     def forward_step(data_iterator, model):
         mb = next(data_iterator)
         ids, pos, pixels, grid, image_mask = model_inputs(mb, images, model_cfg.image_token_id)
+        start = mb.logits_start(sequence_split)
         # right padding + causal attention: real tokens never attend to padding, so no mask is needed
-        return model(ids, pos, None, pixels, grid, image_mask), partial(loss_func, mb)
+        return model(ids, pos, None, pixels, grid, image_mask, logits_from=start), partial(loss_func, mb.window(start))
 
     if not _unwrap(model_chunks[0]).config.variable_seq_lengths:
         raise ValueError("run_micro_batches needs config.variable_seq_lengths=True (set when the models are built)")

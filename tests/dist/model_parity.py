@@ -1,5 +1,7 @@
 """Worker (4 ranks): logits and grads of our Megatron Qwen2.5-VL vs transformers and vs TP1PP1,
-at TP1PP1, TP2PP1, TP1PP2, TP2PP2, TP2 with sequence parallel, TP2PP2 with full recompute.
+at TP1PP1, TP2PP1, TP1PP2, TP2PP2, TP2 with sequence parallel, TP2PP2 with full recompute; and in
+every layout, logits from a middle position on only (`logits_from`) vs transformers' logits there and
+the grads of the loss on those positions.
 
 Grads are compared tensor by tensor, relative to that tensor's own largest grad: they span 5e-3
 (ViT norms) to 3e2 (embeddings), so an error measured against the largest grad anywhere would let a
@@ -48,6 +50,15 @@ def count_layer_forwards(model):
     return calls
 
 
+def full_grads(model, layout) -> dict[str, torch.Tensor]:
+    """The model's grads as full HF tensors. Norm-weight grads are partial per sequence chunk under SP:
+    megatron all-reduces params marked `sequence_parallel` over TP (finalize_model_grads); so do we."""
+    for p in model.parameters():
+        if getattr(p, "sequence_parallel", False) and layout.get("sequence_parallel"):
+            dist.all_reduce(p.grad, group=parallel_state.get_tensor_model_parallel_group())
+    return gather_hf_tensors(model, grads=True)
+
+
 def main(hf_dir):
     cfg = read_hf_config(hf_dir)
     batch = parity.synthetic_batch(cfg)
@@ -57,6 +68,14 @@ def main(hf_dir):
     ref_logits = parity.hf_logits(hf, batch)
     (ref_logits * weight).sum().backward()
     hf_grads = {hf_hub_name(n): p.grad for n, p in hf.named_parameters()}
+    # logits from position `start` on only (the output layer skips the prompt in RL): the same logits
+    # and the grads of the same loss restricted to those positions; S - start even, for SP at TP2
+    seq = batch["input_ids"].shape[1]
+    start = seq // 2 - (seq - seq // 2) % 2
+    window_weight = weight[:, start:]
+    hf.zero_grad(set_to_none=True)  # hf_grads keeps the first loss's
+    (parity.hf_logits(hf, batch)[:, start:] * window_weight).sum().backward()
+    hf_window_grads = {hf_hub_name(n): p.grad for n, p in hf.named_parameters()}
     tp1_grads = None
     for layout in LAYOUTS:
         initialize_model_parallel(layout["tp"], layout["pp"], seed=5)
@@ -67,12 +86,7 @@ def main(hf_dir):
         runs = 2 if layout.get("recompute_granularity") == "full" else 1
         assert calls and set(calls.values()) == {runs}, (layout, calls)
         print(f"rank{dist.get_rank()} {layout} {len(calls)} layers forward_runs={runs}", flush=True)
-        # norm-weight grads are partial per sequence chunk under SP: megatron all-reduces params marked
-        # `sequence_parallel` over TP (finalize_model_grads); do the same here.
-        for p in model.parameters():
-            if getattr(p, "sequence_parallel", False) and layout.get("sequence_parallel"):
-                dist.all_reduce(p.grad, group=parallel_state.get_tensor_model_parallel_group())
-        grads = gather_hf_tensors(model, grads=True)
+        grads = full_grads(model, layout)
         if logits is not None:
             logit_diff = (logits - ref_logits).abs().max().item()
             assert logit_diff <= 1e-4, (layout, logit_diff)
@@ -87,6 +101,16 @@ def main(hf_dir):
             assert diff <= GRAD_RTOL, (layout, worst, diff)
             print(f"rank{dist.get_rank()} {layout} {len(grads)} grads max_rel_diff_vs_tp1={diff:.2e} "
                   f"vs_hf={hf_diff:.2e} (per tensor)", flush=True)
+        model.zero_grad(set_to_none=True)
+        logits, _ = parity.run_model(model, batch, loss_weight=window_weight, logits_from=start)
+        window_diff, worst = grad_error(full_grads(model, layout), hf_window_grads)
+        assert window_diff <= GRAD_RTOL, (layout, "logits_from", worst, window_diff)
+        if logits is not None:
+            assert logits.shape[1] == seq - start, (layout, logits.shape)
+            logit_diff = (logits - ref_logits[:, start:]).abs().max().item()
+            assert logit_diff <= 1e-4, (layout, "logits_from", logit_diff)
+            print(f"rank{dist.get_rank()} {layout} logits_from={start} max_abs_logit_diff_vs_hf={logit_diff:.2e} "
+                  f"grads_vs_hf={window_diff:.2e}", flush=True)
         parallel_state.destroy_model_parallel()
     destroy_model_parallel()
 

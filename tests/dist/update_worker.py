@@ -5,7 +5,9 @@
     loss       sharpens the policy away from the reference first, then prints the update's metrics and
                `papo_loss` of the same inputs (`METRICS {"trainer": ..., "reference": ...}`);
     stacked    the old and masked log-probs of the one stacked [real; masked] forward against one
-               policy forward per kind of image (`STACKED max_difference real_vs_masked_gap`).
+               policy forward per kind of image, and against a plain log-softmax of the policy's
+               logits at every position, with prompts of two lengths
+               (`STACKED max_difference real_vs_masked_gap max_difference_plain prompt_lengths`).
 """
 import dataclasses
 import json
@@ -16,8 +18,9 @@ import torch
 from megatron_papo.algos.losses import papo_loss
 from megatron_papo.parallel import initialize_model_parallel
 from megatron_papo.train import resolve_config
-from megatron_papo.trainer.batch import Experience, make_micro_batches
+from megatron_papo.trainer.batch import Experience, make_micro_batches, split_response_values
 from megatron_papo.trainer.loop import Trainer
+from megatron_papo.trainer.pipeline import add_position_ids, model_inputs
 
 preset, out, mode = sys.argv[1], sys.argv[2], sys.argv[3]
 cfg = resolve_config(None, [f"output_dir={out}", f"preset={preset}", "sft_steps=0", "rollout_batch_size=2",
@@ -42,6 +45,9 @@ for g, s in enumerate(t.data.next_batch(2)):
         exps.append(Experience(sample_id=s.sample_id, group=g, prompt_ids=enc.input_ids.tolist(), response_ids=resp,
                                pixel_values=enc.pixel_values, masked_pixel_values=enc.masked_pixel_values,
                                image_grid_thw=enc.image_grid_thw, rollout_logp=[0.0] * len(resp), advantage=adv))
+if mode == "stacked":  # the second prompt one token longer: the rows' responses start at different positions
+    for e in exps[2:]:
+        e.prompt_ids = e.prompt_ids[:1] + e.prompt_ids
 t.compute_logprobs(exps)
 if mode == "loss":
     def tokens(attr):  # one micro-batch: its token mean is that over all the response tokens in one row
@@ -60,7 +66,20 @@ elif mode == "stacked":  # one policy forward per kind of image, the masked one 
     diff = max(max((e.old_logp - r.old_logp).abs().max().item(), (e.masked_logp - m.old_logp).abs().max().item())
                for e, r, m in zip(exps, real, masked))
     gap = max((e.old_logp - e.masked_logp).abs().max().item() for e in exps)
-    print("STACKED", diff, gap)
+    # and against the full-vocabulary log-softmax of the model's logits at every position
+    mb = add_position_ids(t._collate(exps), t.model_cfg)
+    policy = t.models.policy[0]
+    ids, pos, pixels, grid, image_mask = model_inputs(mb, "both", t.model_cfg.image_token_id)
+    with torch.no_grad():
+        policy.eval()
+        logits = policy(ids, pos, None, pixels, grid, image_mask)
+        policy.train()
+    logp = torch.log_softmax(logits[..., :t.model_cfg.vocab_size] / cfg.rollout.temperature, -1)
+    logp = logp.gather(-1, mb.targets.repeat(2, 1)[..., None])[..., 0]
+    real_plain, masked_plain = (split_response_values(x, exps) for x in logp.chunk(2))
+    plain = max(max((e.old_logp - r).abs().max().item(), (e.masked_logp - m).abs().max().item())
+                for e, r, m in zip(exps, real_plain, masked_plain))
+    print("STACKED", diff, gap, plain, len({len(e.prompt_ids) for e in exps}))
 else:
     before = [e.old_logp.sum().item() for e in exps]
     metrics = t.update(exps)

@@ -165,10 +165,39 @@ class Qwen2_5_VLModel(MegatronModule):
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 pixel_values: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None,
-                image_mask: torch.Tensor | None = None) -> torch.Tensor:
+                image_mask: torch.Tensor | None = None, logits_from: int = 0) -> torch.Tensor:
+        """Logits [B, S - logits_from, V/TP] (last stage; earlier stages return hidden states).
+        `logits_from`: the first position whose logits are wanted. Every position still runs through
+        every layer (it is context), but those before it skip the output layer: in RL the prompt's
+        logits are never read, and they are most of a sequence (images). With sequence parallel,
+        S - logits_from must be a multiple of TP."""
         decoder_input = self.embed(input_ids, pixel_values, image_grid_thw, image_mask) if self.pre_process else None
-        return self.language_model(input_ids=None, position_ids=position_ids, attention_mask=attention_mask,
-                                   decoder_input=decoder_input)
+        if not (self.post_process and logits_from):
+            return self.language_model(input_ids=None, position_ids=position_ids, attention_mask=attention_mask,
+                                       decoder_input=decoder_input)
+        # GPTModel cannot skip positions before its output layer (only inference's last-token path
+        # does): cut its input for this call only
+        cut = self.language_model.output_layer.register_forward_pre_hook(
+            lambda _, args: (self._positions_from(args[0], logits_from), *args[1:]))
+        try:
+            return self.language_model(input_ids=None, position_ids=position_ids, attention_mask=attention_mask,
+                                       decoder_input=decoder_input)
+        finally:
+            cut.remove()
+
+    def _positions_from(self, hidden: torch.Tensor, start: int) -> torch.Tensor:
+        """hidden [S(/TP with SP), B, H] -> positions start.. of the sequence, in the same layout."""
+        if not self.config.sequence_parallel:
+            return hidden[start:]
+        tp = self.pg_collection.tp
+        length = hidden.shape[0] * tp.size() - start
+        if length % tp.size():
+            raise ValueError(f"logits_from={start}: with sequence parallel the {length} positions from it on must "
+                             f"split evenly over TP={tp.size()}")
+        # gather (backward: this rank's part of the replicated gradient), cut, and split again (backward:
+        # gather the parts; the output layer's backward has already summed them over the vocab shards)
+        full = tensor_parallel.gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False, group=tp)
+        return tensor_parallel.scatter_to_sequence_parallel_region(full[start:], group=tp)
 
 
 def build_model(cfg: Qwen2_5_VLConfig, opts: ModelParallelOptions,

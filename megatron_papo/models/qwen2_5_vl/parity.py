@@ -65,12 +65,12 @@ def gather_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
     return torch.cat(parts, dim=-1)[..., :vocab_size]
 
 
-def run_model(model, batch: dict, loss_weight: torch.Tensor | None = None):
+def run_model(model, batch: dict, loss_weight: torch.Tensor | None = None, logits_from: int = 0):
     """One microbatch through all pipeline stages with megatron-core's schedule.
 
     loss_weight None: forward only. Otherwise backward of loss = sum(logits * loss_weight) (weight
-    [B, S, vocab], full vocab; padding columns get zero). Returns (full logits [B, S, vocab], loss) on
-    the last stage and (None, None) elsewhere."""
+    [B, S - logits_from, vocab], full vocab; padding columns get zero). Returns (full logits
+    [B, S - logits_from, vocab], loss) on the last stage and (None, None) elsewhere."""
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     result = {}
 
@@ -91,7 +91,7 @@ def run_model(model, batch: dict, loss_weight: torch.Tensor | None = None):
     def forward_step(data_iterator, stage):
         data = next(data_iterator)
         return stage(data["input_ids"], data["position_ids"], None, data["pixel_values"],
-                     data["image_grid_thw"]), partial(loss_func)
+                     data["image_grid_thw"], logits_from=logits_from), partial(loss_func)
 
     get_forward_backward_func()(
         forward_step_func=forward_step, data_iterator=iter([batch]), model=[model], num_microbatches=1,

@@ -124,6 +124,7 @@ def stage_params(cfg: Qwen2_5_VLConfig, layout: Layout, vocab_multiple: int = 12
 class TrainingSetup:
     """PAPO training settings the memory depends on (defaults: docs/papo.md on GPUs)."""
     seq_len: int = 4096 + 2048         # max prompt + max response
+    response_len: int = 2048           # max response: logits start at the prompt's last token
     image_tokens: int = 1280           # merged image tokens (x merge^2 ViT patches)
     micro_batch: int = 1
     global_batch: int = 128 * 5        # responses per optimiser step
@@ -227,11 +228,14 @@ def plan_memory(cfg: Qwen2_5_VLConfig, layout: Layout, train: TrainingSetup = Tr
         recompute = max(lm_layer if st.lm_layers else 0, vit_block if st.has_vision else 0)
         logits = buffers = 0.0
         if i == len(stages) - 1:
-            logits = 2 * s * b * vocab_rank * BF16                 # logits and their gradient
-            logits += train.loss_chunk_buffers * min(train.loss_chunk_tokens, s * b) * vocab_rank * FP32
+            # the output layer runs from the micro-batch's shortest prompt's last token on (rounded to
+            # TP under SP): one response + tp positions at b = 1; up to the whole sequence at b > 1
+            window = min(s, train.response_len + tp) if b == 1 else s
+            logits = 2 * window * b * vocab_rank * BF16            # logits and their gradient
+            logits += train.loss_chunk_buffers * min(train.loss_chunk_tokens, window * b) * vocab_rank * FP32
             per_token = 4                                          # old, ref, masked logp; advantage
             if train.papo_mode == "exact":
-                logits += s * b * vocab_rank * BF16                # masked logits of this micro-batch
+                logits += window * b * vocab_rank * BF16           # masked logits of this micro-batch
                 per_token = 3                                      # masked logp comes from those logits
             buffers = per_token * FP32 * s * train.global_batch / layout.dp
         out.append(StageMemory(
