@@ -21,10 +21,9 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(__file__))
-from step_time import build  # noqa: E402
+from step_time import build, one_round  # noqa: E402
 
 
 @contextlib.contextmanager
@@ -38,16 +37,6 @@ def every_position():
         yield
     finally:
         MicroBatch.logits_start = window
-
-
-def one_round(trainer, exps, counted: list[int]) -> dict[str, float]:
-    counted.clear()
-    c0 = time.process_time()
-    trainer.compute_logprobs(exps)
-    c1 = time.process_time()
-    trainer.update(exps)
-    c2 = time.process_time()
-    return {"logprobs": c1 - c0, "train": c2 - c1, "logits": float(sum(counted))}
 
 
 def main() -> int:
@@ -77,8 +66,11 @@ def main() -> int:
         rounds = {"window": [], "every position": []}
         for r in range(args.repeats + 1):  # alternating order; the first round of each warms up
             for name in (list(rounds) if r % 2 == 0 else list(rounds)[::-1]):
+                counted.clear()
                 with every_position() if name == "every position" else contextlib.nullcontext():
-                    rounds[name].append(one_round(trainer, exps, counted))
+                    times = one_round(trainer, exps)
+                rounds[name].append({"logprobs": times["cpu/logprobs"], "train": times["cpu/train"],
+                                     "logits": float(sum(counted))})
     destroy_model_parallel()
     med = {name: {k: statistics.median(x[k] for x in rs[1:]) for k in rs[0]} for name, rs in rounds.items()}
     for m in med.values():

@@ -3,8 +3,8 @@
 `run_micro_batches` is the one place the trainer calls megatron's forward/backward schedule. The
 per-micro-batch function `on_logits(mb, logits)` runs on the last pipeline stage with this
 stage's vocab-parallel logits [B, S', V_padded/TP] from the micro-batch's `logits_start` on, and
-`mb` its `window` from there (losses read response positions only; the prompt's logits are never
-computed). It returns (loss, outputs):
+`mb` its `window` from there (losses read response positions only: logits of positions before the
+shortest prompt's last token are never computed). It returns (loss, outputs):
 - training (forward_only=False): `loss` is what megatron back-propagates (it divides it by the
   number of micro-batches, which is the reference's "mean over micro-batches");
 - forward_only: `loss` is ignored; `outputs` (per-token tensors, metrics) are collected.
