@@ -123,7 +123,7 @@ def test_activation_terms():
     assert no_flash.act_recompute == pytest.approx(s * h * (34 + 5 * 64 * s / h) / t)
     assert first.logits == 0 and last.act_checkpoints == pytest.approx(2 * 20 * s * h / t)
     vocab_rank = 152576 // t
-    window = 2048 + t  # logits from the prompt's last token on: the response, rounded up to TP (SP)
+    window = 2048 + 2 * t - 1  # logits from the prompt's last token on: the response, start and end rounded to TP (SP)
     assert last.logits == pytest.approx(2 * window * vocab_rank * 2 + 4 * 1024 * vocab_rank * 4)
     two = plan_memory(cfg, Layout(t, 4, 1), TrainingSetup(micro_batch=2))[-1]  # b > 1: bounded by s
     assert two.logits == pytest.approx(2 * s * 2 * vocab_rank * 2 + 4 * 1024 * vocab_rank * 4)

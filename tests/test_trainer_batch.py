@@ -50,6 +50,21 @@ def test_window_from_the_logits_start():
         split_response_values(ww.old_logp, exps, ww.first_position)
 
 
+def test_single_row_window_is_at_most_the_response_plus_2tp_minus_1():
+    """The memory plan (scaling.py) counts a micro-batch of one row's logits as its response + 2 tp - 1
+    positions under sequence parallelism: the padded end rounds up, the start down. Both bounds hold
+    here for every prompt and response length, and the plan's bound is reached."""
+    reached = set()
+    for tp in (1, 2, 4, 8):
+        for p in range(1, 20):
+            for r in range(1, 12):
+                mb = collate([_exp(0, [5] * p, [6] * r)], pad_id=0, pad_to_multiple=tp)
+                width = mb.input_ids.shape[1] - mb.logits_start(multiple=tp)
+                assert width % tp == 0 and r <= width <= r + 2 * tp - 1, (tp, p, r, width)
+                reached.add(width == r + 2 * tp - 1)
+    assert reached == {True, False}
+
+
 def test_errors_and_chunks():
     with pytest.raises(ValueError, match="empty response"):
         collate([_exp(0, [1, 2], [])], pad_id=0)

@@ -228,9 +228,10 @@ def plan_memory(cfg: Qwen2_5_VLConfig, layout: Layout, train: TrainingSetup = Tr
         recompute = max(lm_layer if st.lm_layers else 0, vit_block if st.has_vision else 0)
         logits = buffers = 0.0
         if i == len(stages) - 1:
-            # the output layer runs from the micro-batch's shortest prompt's last token on (rounded to
-            # TP under SP): one response + tp positions at b = 1; up to the whole sequence at b > 1
-            window = min(s, train.response_len + tp) if b == 1 else s
+            # the output layer runs from the micro-batch's shortest prompt's last token on: at b = 1 at
+            # most one response + 2 tp - 1 positions (under SP the start rounds down to TP and the
+            # padded end up); up to the whole sequence at b > 1
+            window = min(s, train.response_len + 2 * tp - 1) if b == 1 else s
             logits = 2 * window * b * vocab_rank * BF16            # logits and their gradient
             logits += train.loss_chunk_buffers * min(train.loss_chunk_tokens, window * b) * vocab_rank * FP32
             per_token = 4                                          # old, ref, masked logp; advantage
