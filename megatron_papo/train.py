@@ -91,7 +91,7 @@ def check_layout(cfg) -> None:
     import torch
 
     from megatron_papo.parallel.context import check_rollout_tp, ranks_per_host
-    from megatron_papo.rollout.reshard import vllm_padded_vocab
+    from megatron_papo.rollout.reshard import vllm_split_sizes
     from megatron_papo.trainer.build import model_config
 
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -108,10 +108,7 @@ def check_layout(cfg) -> None:
         from megatron_papo.models.qwen2_5_vl.hf_io import HFReader
 
         HFReader(cfg.model.hf_dir)  # a missing or truncated safetensors shard, named before any rank loads it
-    check_rollout_tp(cfg.rollout.tp, world, ranks_per_host(), {
-        "num_attention_heads": m.num_attention_heads, "num_key_value_heads": m.num_key_value_heads,
-        "intermediate_size": m.intermediate_size, "vision num_heads": m.vision.num_heads,
-        "padded vocab_size": vllm_padded_vocab(m.vocab_size)})
+    check_rollout_tp(cfg.rollout.tp, world, ranks_per_host(), vllm_split_sizes(m))
 
 
 if __name__ == "__main__":

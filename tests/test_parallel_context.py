@@ -30,3 +30,16 @@ def test_rollout_tp_validation():
             check_rollout_tp(*args, SIZES)
     with pytest.raises(ValueError, match="num_key_value_heads=8"):
         check_rollout_tp(12, 24, 24, {"num_key_value_heads": 8})
+
+
+def test_rollout_tp_against_the_flavors_vllm_splits():
+    """Every dimension vLLM splits is checked: 3B's ViT MLP (3420) does not split over 8 ranks though its
+    heads do, and would fail only inside vLLM's engine build; the 72B recipe's rollout.tp=8 passes."""
+    from megatron_papo.models.qwen2_5_vl.flavors import get_flavor
+    from megatron_papo.rollout.reshard import vllm_split_sizes
+
+    check_rollout_tp(8, 64, 8, vllm_split_sizes(get_flavor("72B")))
+    check_rollout_tp(4, 64, 8, vllm_split_sizes(get_flavor("3B")))
+    with pytest.raises(ValueError, match="vision intermediate_size=3420"):
+        check_rollout_tp(8, 64, 8, vllm_split_sizes(get_flavor("3B")))
+    assert list(vllm_split_sizes(get_flavor("72B")).values()) == [64, 8, 29568, 16, 3456, 1280 * 4, 152064]

@@ -50,6 +50,17 @@ def vllm_padded_vocab(vocab_size: int) -> int:
     return -(-vocab_size // VLLM_VOCAB_PADDING) * VLLM_VOCAB_PADDING
 
 
+def vllm_split_sizes(cfg) -> dict[str, int]:
+    """The dimensions of Qwen2.5-VL (a flavors.ModelConfig) that a vLLM engine splits over its TP
+    ranks (the layouts above): a rollout.tp must divide each (KV heads: or be a multiple of them)."""
+    v = cfg.vision
+    return {"num_attention_heads": cfg.num_attention_heads, "num_key_value_heads": cfg.num_key_value_heads,
+            "intermediate_size": cfg.intermediate_size, "vision num_heads": v.num_heads,
+            "vision intermediate_size": v.intermediate_size,
+            "vision merger width (hidden_size x spatial_merge_size^2)": v.hidden_size * v.spatial_merge_size**2,
+            "padded vocab_size": vllm_padded_vocab(cfg.vocab_size)}
+
+
 @dataclass(frozen=True)
 class Component:
     """A part of a tensor split contiguously along `dim`: global units [0, total) with `unit` rows each."""
