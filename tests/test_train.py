@@ -518,6 +518,7 @@ BAD_CONFIGS = [  # (environment, arguments, what the one error line says)
     ({}, ["validation.problems=4", "data.path=README.md"], "validation scores the synthetic task's split"),
     ({}, ["algo.overlong_buffer_len=40", "rollout.max_new_tokens=32"], "algo.overlong_buffer_len=40 exceeds"),
     ({}, ["validation.k=0"], "validation: problems >= 0, k >= 1 and interval >= 0 expected"),
+    ({}, ["rollout.dynamic_sampling_max_tries=1000"], "rollout.dynamic_sampling_max_tries must be in [0, 999]"),
 ]
 
 

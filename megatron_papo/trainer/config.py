@@ -139,6 +139,9 @@ class TrainConfig:
                              f"global_batch_size {self.global_batch_size}")
         if self.micro_batch_tokens < 0:
             raise ValueError(f"micro_batch_tokens must be >= 0 (0 = micro_batch_size sequences), got {self.micro_batch_tokens}")
+        if not 0 <= self.rollout.dynamic_sampling_max_tries < 1000:  # a step's rollout seeds: step * 1000 + try
+            raise ValueError(f"rollout.dynamic_sampling_max_tries must be in [0, 999] (a step's draws are seeded "
+                             f"step * 1000 + try), got {self.rollout.dynamic_sampling_max_tries}")
         if self.parallel.sequence_parallel and self.parallel.tp == 1:
             raise ValueError("parallel.sequence_parallel=true needs parallel.tp > 1")
         if self.algo.overlong_buffer_len > self.rollout.max_new_tokens:
