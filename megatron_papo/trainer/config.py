@@ -83,7 +83,7 @@ class ValidationConfig:
 @dataclass
 class TrainConfig:
     output_dir: str = "outputs/run"  # metrics, plots, tensorboard, checkpoints, vLLM's HF folder
-    seed: int = 1                    # every random choice of the run (data order, masks, sampling)
+    seed: int = 1                    # model init and rollout sampling (data order: data.seed / synthetic.seed; masks: mask.seed)
     steps: int = 100                 # RL steps (one rollout batch each)
     rollout_batch_size: int = 384    # prompts per RL step (PAPO: 384)
     global_batch_size: int = 128     # prompts per optimizer step (PAPO: 128 -> 640 responses)
