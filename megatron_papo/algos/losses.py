@@ -13,6 +13,7 @@ import torch.distributed as dist
 
 from megatron_papo.algos.config import PAPOConfig
 from megatron_papo.ops.vocab_parallel import vocab_parallel_stats
+from megatron_papo.parallel.distributed import collective_device
 
 LOG_RATIO_CLAMP = 20.0  # log-ratios are clamped to +-20 before exp
 K3_CLAMP = 10.0  # k3 values are clamped to +-10
@@ -93,6 +94,7 @@ def count_global_tokens(response_masks: Sequence[torch.Tensor], dp_group: Option
     """Response tokens in all the given micro-batches, summed over the data-parallel group."""
     n = torch.stack([m.sum().double() for m in response_masks]).sum().cpu()
     if dp_group is not None and dist.get_world_size(dp_group) > 1:
+        n = n.to(collective_device(dp_group))
         dist.all_reduce(n, group=dp_group)
     return float(n)
 

@@ -46,6 +46,14 @@ def initialize_model_parallel(tp: int = 1, pp: int = 1, seed: int = 1234, backen
     return ProcessGroupCollection.use_mpu_process_groups()
 
 
+def collective_device(group: dist.ProcessGroup | None = None) -> torch.device:
+    """Where a tensor must live for a collective on `group` (None: the default group): NCCL reduces
+    CUDA tensors only, gloo CPU tensors."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def destroy_model_parallel() -> None:
     """Tear down megatron's groups and the default process group (safe to call twice)."""
     from megatron.core import parallel_state

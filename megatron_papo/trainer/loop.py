@@ -28,6 +28,7 @@ from megatron_papo.data.rewards import EvalResult, get_reward_fn
 from megatron_papo.folders import write_text_atomic
 from megatron_papo.ops.vocab_parallel import vocab_parallel_logprob
 from megatron_papo.parallel.context import ParallelContext
+from megatron_papo.parallel.distributed import collective_device
 from megatron_papo.progress import Progress
 from megatron_papo.rollout.engine import SamplingConfig
 from megatron_papo.trainer import checkpoint as ckpt
@@ -425,8 +426,9 @@ class Trainer:
         dist.all_gather_object(key_sets, sorted(metrics) if contributes else [])
         keys = sorted(set().union(*key_sets))
         values = torch.tensor([metrics.get(k, 0.0) if contributes else 0.0 for k in keys] + [float(contributes)],
-                              dtype=torch.float64)
+                              dtype=torch.float64, device=collective_device())
         dist.all_reduce(values)
+        values = values.cpu()
         n = max(values[-1].item(), 1.0)
         return {k: v / n for k, v in zip(keys, values[:-1].tolist())}
 
@@ -447,7 +449,7 @@ class Trainer:
 
 def _agreed(flag: bool) -> bool:
     """True on every rank when `flag` is True on any rank (collective)."""
-    value = torch.tensor([int(flag)])
+    value = torch.tensor([int(flag)], device=collective_device())
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item())
 
