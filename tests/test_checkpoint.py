@@ -23,7 +23,14 @@ import psutil
 import pytest
 import torch
 
-from megatron_papo.trainer.checkpoint import CheckpointConfig, find_resume_checkpoint, is_complete
+from megatron_papo.trainer.checkpoint import (
+    CheckpointConfig,
+    _prune,
+    complete_checkpoints,
+    find_resume_checkpoint,
+    is_complete,
+    remove_leftovers,
+)
 from tests.dist.checkpoint_kill import OVERRIDES
 from tests.distributed import REPO, run_distributed
 
@@ -121,6 +128,30 @@ def test_sigkill_during_save_keeps_previous_checkpoint(jobs, tmp_path):
         if key.startswith(("model.", "ref_model.")) or key in ("scheduler.num_steps", "optimizer0.group0.lr", "data"):
             assert key not in fresh or not _equal(fresh[key], value), f"{key}: the save did not move it off the start"
         assert _equal(loaded[key], value), key
+
+
+def test_only_our_names_are_read_pruned_or_removed(tmp_path):
+    """A user's export or copy beside the checkpoints (step_00000002_hf, step_00000001_backup with its
+    COMPLETE) is never resumed from, pruned or removed; leftovers of killed saves and deletions are.
+    A kill between the rename and `latest` leaves `latest` one save behind: auto takes the newest."""
+    def folder(name, complete):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "data").write_text("x")
+        if complete:
+            (tmp_path / name / "COMPLETE").write_text("1\n")
+
+    for name, complete in [("step_00000001", True), ("step_00000002", True), ("step_00000003", True),
+                           ("step_00000002_hf", False), ("step_00000001_backup", True), ("step_00000009_old", True),
+                           ("step_00000004.tmp", False), ("step_00000000.deleted.tmp", True), ("step_notes.tmp", False)]:
+        folder(name, complete)
+    (tmp_path / "latest").write_text("2\n")
+    ours = ["step_00000001", "step_00000002", "step_00000003"]
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ours
+    assert find_resume_checkpoint(CheckpointConfig(save_dir=str(tmp_path))) == tmp_path / "step_00000003"
+    remove_leftovers(tmp_path)
+    _prune(tmp_path, keep_last=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["latest", "step_00000003", "step_00000002_hf", "step_00000001_backup", "step_00000009_old", "step_notes.tmp"])
 
 
 def _equal(a, b) -> bool:

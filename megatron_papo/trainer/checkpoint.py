@@ -8,11 +8,16 @@ Layout under `save_dir`:
     step_00000020.tmp/          a save in progress (or killed): never read, removed by the next save
     step_00000000.deleted.tmp/  a checkpoint being deleted (keep_last), renamed first so that a kill
                                 never leaves a half-deleted step_* folder; removed by the next save
-    latest                      text file with the newest complete step, replaced atomically
+    latest                      text file with the newest complete step, replaced atomically (for
+                                people and tools: resume=auto reads the step_* folders themselves)
+Only these names are ours: a user's `step_00000010_hf` export or `step_00000010_backup` copy beside
+them is never read, pruned or removed.
 
 Atomicity: every rank writes into `step_N.tmp`; after a barrier, rank 0 writes COMPLETE, renames
 the directory to `step_N` (one rename: a kill leaves either the old or the new name) and then
-replaces `latest` (write + os.replace). A kill at any point leaves `latest` naming a complete one.
+replaces `latest` (write + os.replace). The small files are fsynced and so is the folder after the
+rename. A kill at any point leaves the newest complete step_N whole, and resume=auto takes it (a
+kill between the rename and `latest` leaves `latest` one save behind).
 
 No pickles: a checkpoint may come from anyone, and unpickling runs code. A checkpoint holds tensors
 (weights, optimizer state, every rank's RNG states), `common.pt` (scheduler and optimizer
@@ -28,6 +33,7 @@ import multiprocessing
 import os
 import pickle
 import random
+import re
 import shutil
 import signal
 from dataclasses import dataclass
@@ -41,13 +47,16 @@ import torch.distributed as dist
 import yaml
 
 from megatron_papo.config import dump_yaml
-from megatron_papo.folders import write_text_atomic
+from megatron_papo.folders import fsync_folder, write_text_atomic
 from megatron_papo.lifetime import exit_when_process_ends, this_process
 from megatron_papo.parallel.context import ParallelContext
+from megatron_papo.parallel.distributed import collective_device
 
 COMPLETE_MARKER = "COMPLETE"
 TRAIN_STATE = "train_state.json"  # step, data position, layout: what the loop restores besides tensors
 RUN_CONFIG = "run_config.yaml"    # the run's resolved config, compared with the resuming run's
+CHECKPOINT_NAME = re.compile(r"step_\d{8}")                # step_dir's names
+LEFTOVER_NAME = re.compile(r"step_\d{8}(\.deleted)?\.tmp")  # a killed save or deletion
 
 # Options a resumed run may change: they change neither what is trained nor how (run length, where
 # and how often it writes, what it reports, memory knobs), or megatron's distributed checkpoint
@@ -92,20 +101,20 @@ def find_resume_checkpoint(cfg: CheckpointConfig) -> Path | None:
             raise FileNotFoundError(f"checkpoint.resume={cfg.resume}: not a complete checkpoint "
                                     f"(expected a step_* directory containing {COMPLETE_MARKER})")
         return path
-    root = Path(cfg.save_dir)
-    latest = root / "latest"
-    if latest.is_file():
-        path = step_dir(root, int(latest.read_text().strip()))
-        if is_complete(path):
-            return path
-    # `latest` missing or stale: the newest complete directory wins.
-    candidates = complete_checkpoints(root)
+    candidates = complete_checkpoints(cfg.save_dir)
     return candidates[-1] if candidates else None
 
 
 def complete_checkpoints(save_dir: str | Path) -> list[Path]:
-    """Oldest first."""
-    return sorted(p for p in Path(save_dir).glob("step_*") if is_complete(p))
+    """Oldest first; only step_dir's names count."""
+    return sorted(p for p in Path(save_dir).glob("step_*") if CHECKPOINT_NAME.fullmatch(p.name) and is_complete(p))
+
+
+def remove_leftovers(save_dir: str | Path) -> None:
+    """Remove what killed saves and deletions left (LEFTOVER_NAME), nothing else."""
+    for leftover in Path(save_dir).glob("step_*.tmp"):
+        if LEFTOVER_NAME.fullmatch(leftover.name):
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def rng_state() -> dict[str, torch.Tensor]:
@@ -224,9 +233,7 @@ def save_checkpoint(cfg: CheckpointConfig, step: int, modules: dict, optimizer, 
     tmp = final.with_name(final.name + ".tmp")
     rank0 = ctx.rank == 0
     if rank0:
-        for stale in root.glob("step_*"):  # killed saves and deletions
-            if not is_complete(stale):
-                shutil.rmtree(stale, ignore_errors=True)
+        remove_leftovers(root)
         tmp.mkdir(parents=True)
     dist.barrier()
     sd = _sharded_state_dict(modules, optimizer, ctx, is_loading=False)
@@ -236,15 +243,16 @@ def save_checkpoint(cfg: CheckpointConfig, step: int, modules: dict, optimizer, 
     dist_checkpointing.save(sd, str(tmp))
     dist.barrier()
     if rank0:
-        (tmp / TRAIN_STATE).write_text(json.dumps(train_state, indent=1) + "\n")
+        write_text_atomic(tmp / TRAIN_STATE, json.dumps(train_state, indent=1) + "\n")
         if run_config is not None:
-            (tmp / RUN_CONFIG).write_text(dump_yaml(run_config))
+            write_text_atomic(tmp / RUN_CONFIG, dump_yaml(run_config))
         if write_extras is not None:
             write_extras(tmp)
-        (tmp / COMPLETE_MARKER).write_text(f"{step}\n")
+        write_text_atomic(tmp / COMPLETE_MARKER, f"{step}\n")  # fsynced: COMPLETE never precedes its files on disk
         if final.exists():  # a re-save of the same step (e.g. signal right after a periodic save)
             _delete(final)
         os.replace(tmp, final)
+        fsync_folder(root)
         write_text_atomic(root / "latest", f"{step}\n")
         _prune(root, cfg.keep_last)
     dist.barrier()
@@ -260,8 +268,9 @@ def load_checkpoint(path: Path, modules: dict, optimizer, scheduler, ctx: Parall
 
     train_state = read_train_state(path)
     _check_no_pickles(path)
-    if not train_state["optimizer_saved"]:
-        optimizer = None  # saved before its first step: the fresh optimizer is that state
+    fresh_optimizer = None
+    if not train_state["optimizer_saved"]:  # saved before its first step: the fresh optimizer is that state
+        fresh_optimizer, optimizer = optimizer, None
     same_layout = train_state["layout"] == layout(ctx)
     if not same_layout and ctx.rank == 0:
         print(f"{path} was saved at layout {train_state['layout']}, resuming at {layout(ctx)}: weights and optimizer "
@@ -272,6 +281,8 @@ def load_checkpoint(path: Path, modules: dict, optimizer, scheduler, ctx: Parall
         m.load_state_dict(loaded[name], strict=False)
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
+    if fresh_optimizer is not None:  # its fp32 copies of the weights (bf16, distributed optimizer) predate this load
+        fresh_optimizer.reload_model_params()
     if scheduler is not None and loaded.get("scheduler") is not None:
         scheduler.load_state_dict(loaded["scheduler"])
     if same_layout:
@@ -424,9 +435,9 @@ class PreemptionHandler:
 
     def should_stop(self) -> bool:
         """Collective: True on every rank when any rank received a signal."""
-        device = "cuda" if torch.cuda.is_available() else "cpu"  # nccl reduces CUDA tensors only
-        flag = torch.tensor([1 if self.received is not None else 0], dtype=torch.int32, device=device)
+        flag = torch.tensor([1 if self.received is not None else 0], dtype=torch.int32)
         if dist.is_initialized():
+            flag = flag.to(collective_device())
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
