@@ -110,9 +110,11 @@ class Evaluator:
                             f"them into every checkpoint, tools/convert_*.py carry them along")
         trained = json.loads((folder / "preprocessor_config.json").read_text()).get("size", {})
         defaults = ProcessorConfig()
+        min_pixels = min_pixels or trained.get("shortest_edge", defaults.min_pixels)
+        max_pixels = max_pixels or trained.get("longest_edge", defaults.max_pixels)
+        self.pixels = (min_pixels, max_pixels)  # the processor's and the engine's (the folder's may differ)
         self.processor = VLProcessor.from_config(ProcessorConfig(
-            tokenizer_path=str(folder), min_pixels=min_pixels or trained.get("shortest_edge", defaults.min_pixels),
-            max_pixels=max_pixels or trained.get("longest_edge", defaults.max_pixels)))
+            tokenizer_path=str(folder), min_pixels=min_pixels, max_pixels=max_pixels))
         from megatron_papo.models.qwen2_5_vl.hf_io import read_hf_config
 
         self.config = json.loads((folder / "config.json").read_text())
@@ -121,7 +123,7 @@ class Evaluator:
         self.engine = VLLMEngine(VLLMEngineConfig(
             model_path=str(folder), dtype=dtype, seed=self.seed,
             max_model_len=min(4096 + self.max_new_tokens, self.model_cfg.max_position_embeddings),
-            max_images_per_prompt=max_images_per_prompt))
+            max_images_per_prompt=max_images_per_prompt, min_pixels=min_pixels, max_pixels=max_pixels))
 
     def _hf_folder(self, ckpt: Path) -> Path:
         if not ckpt.is_dir():
@@ -160,7 +162,11 @@ class Evaluator:
             stop_token_ids=[self.model_cfg.eos_token_id], seed=self.seed))
         reward_fn = get_reward_fn(reward)
         result = EvalResult(k=k, problems=len(samples))
-        for s, outs in zip(samples, outputs):
+        for s, shown_sample, outs in zip(samples, shown, outputs):
+            expected = self.processor.encode_sample(shown_sample).input_ids.tolist()
+            if outs and outs[0].prompt_token_ids != expected:  # images sized otherwise than --min/--max-pixels say
+                raise EvalError(f"sample {s.sample_id}: vLLM's prompt ({len(outs[0].prompt_token_ids)} tokens) differs "
+                                f"from the processor's ({len(expected)} tokens, min/max pixels {self.pixels})")
             for o in outs:
                 text = self.processor.tokenizer.decode(o.response_token_ids, skip_special_tokens=True)
                 g = reward_fn(text, s.answer, s.choices)

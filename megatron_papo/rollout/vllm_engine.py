@@ -64,6 +64,8 @@ class VLLMEngineConfig:
     sleep_level: int = 1                  # GPU only: 1 = offload weights to host (needed when some are not re-sent,
                                           # e.g. a frozen vision tower), 2 = discard them (all are re-sent)
     cpu_kv_cache_space_gib: int = 1       # CPU only: KV cache size (vLLM's default would take ~19 GiB)
+    min_pixels: int | None = None         # image size bounds of vLLM's processor (None: the model folder's
+    max_pixels: int | None = None         # preprocessor_config.json, which the trainer writes from its own)
 
 
 def _on_cpu() -> bool:
@@ -282,6 +284,8 @@ class VLLMEngine(RolloutEngine):
             # mean/std in model buffers that a dummy load randomises and no checkpoint restores.
             mm_device_do_normalize=False,
             worker_extension_cls=f"{__name__}.WorkerWeightLoader",
+            mm_processor_kwargs={k: v for k, v in (("min_pixels", cfg.min_pixels), ("max_pixels", cfg.max_pixels))
+                                 if v is not None} or None,
             **options,
         )
 
