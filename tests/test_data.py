@@ -110,11 +110,12 @@ def test_bad_rows_skipped_and_counted(tmp_path, fmt):
         {"problem": "<image>gone", "answer": "8", "images": [P("missing.png")]},          # 8 missing file
         {"problem": "<image>many pixels", "answer": "9", "images": [B(_png(300, 300))]},  # 9 > max_image_pixels
         {"problem": "no placeholder", "answer": "10", "images": [P("ok.png")]},          # 10 good: image goes first
+        {"problem": "<image>a <|image_pad|> here", "answer": "11", "images": [B(good)]},  # 11 special token
     ]
     ds = PapoDataset(DataConfig(path=_write(rows, tmp_path, fmt), max_image_pixels=200 * 200))
     assert dict(ds.stats.counts) == {"missing_answer": 1, "empty_text": 1, "undecodable_image": 1,
                                      "image_too_small": 1, "image_too_large": 2,
-                                     "placeholder_mismatch": 1, "missing_image": 1}
+                                     "placeholder_mismatch": 1, "missing_image": 1, "special_token": 1}
     assert ds.stats.rows["image_too_large"] == [5, 9] and ds.stats.rows["missing_answer"] == [1]
     assert ds.stats.rows["undecodable_image"] == [3] and ds.stats.rows["missing_image"] == [8]
     assert len(ds) == 3  # rows 0, 7, 10 pass the load-time checks

@@ -28,6 +28,10 @@ import numpy as np
 from PIL import Image
 
 from megatron_papo.data.prompts import IMAGE_PLACEHOLDER, PROMPT_TEMPLATES, render_prompt
+
+# Qwen2.5-VL's chat and vision special tokens: a problem text holding one breaks the encoding
+CHAT_SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|vision_start|>", "<|vision_end|>",
+                       "<|image_pad|>", "<|video_pad|>", "<|vision_pad|>")
 from megatron_papo.data.rewards import parse_choices
 
 if TYPE_CHECKING:
@@ -290,6 +294,9 @@ class PapoDataset:
             raise BadRow("missing_answer", f"empty or missing {c.answer_key!r}")
         if not isinstance(problem, str) or not problem.replace(IMAGE_PLACEHOLDER, "").strip():
             raise BadRow("empty_text", f"empty or missing {c.problem_key!r}")
+        special = [t for t in CHAT_SPECIAL_TOKENS if t in problem]
+        if special:  # the tokenizer would read them as the chat's structure or as image slots
+            raise BadRow("special_token", f"{c.problem_key!r} holds the chat template's special tokens {special}")
         images = self._images_of(row)
         n_placeholders = problem.count(IMAGE_PLACEHOLDER)
         if n_placeholders and n_placeholders != len(images):
