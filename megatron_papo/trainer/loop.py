@@ -81,7 +81,9 @@ class Trainer:
         fresh = not self.state.sft_done
         if fresh:
             if cfg.sft_steps > 0:
+                self.engine.sleep()  # GPU: the warm-up trains with the engine's memory free, as the RL updates do
                 self.sft_warmup()
+                self.engine.wake_up()
             self.models.copy_policy_to_reference()
             self.state.sft_done = True
             # the RL optimizer has not stepped (fresh Adam moments, scheduler at 0); with bf16 or the
