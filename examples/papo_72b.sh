@@ -38,11 +38,12 @@ if [ ! -f "$CKPT/.metadata" ]; then
 fi
 
 # 2. Train (resumes from the newest complete checkpoint after a preemption / requeue). torchrun
-#    would die of SIGUSR1 instead of passing it on, so the signal goes to the ranks themselves.
-"$PY" -m torch.distributed.run --nnodes "$NNODES" --node-rank "$NODE_RANK" \
+#    dies of SIGUSR1 instead of passing it on: it runs with SIGUSR1 ignored (SLURM signals every
+#    process of the step), and the signal goes to the ranks themselves, which set their own handler.
+(trap '' USR1; exec "$PY" -m torch.distributed.run --nnodes "$NNODES" --node-rank "$NODE_RANK" \
     --nproc-per-node "$GPUS_PER_NODE" --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" \
     -m megatron_papo.train --config "$CONFIG" --resume auto \
-    model.load="$CKPT" parallel.tp="$TP" parallel.pp="$PP" "$@" &
+    model.load="$CKPT" parallel.tp="$TP" parallel.pp="$PP" "$@") &
 LAUNCHER=$!
 forward() { pkill "-$1" -P "$LAUNCHER" || true; }
 trap 'forward USR1' USR1

@@ -9,6 +9,7 @@ process calls `exit_when_process_ends` with the trainer's identity, taken in the
 from __future__ import annotations
 
 import os
+import signal
 import threading
 import time
 
@@ -23,9 +24,13 @@ def this_process() -> tuple[int, float]:
 
 def exit_when_process_ends(pid: int, create_time: float, poll_s: float = 1.0) -> None:
     """From now on, end this process (os._exit) within `poll_s` of process (pid, create_time) ending.
-    A daemon thread polls; a no-op when called in that process itself."""
+    A daemon thread polls; a no-op when called in that process itself. The helper also ignores
+    SIGUSR1, the preemption notice SLURM delivers to every process of a job step: the trainer saves
+    on it, and a helper it killed (the checkpoint-writer queue) would fail that save."""
     if pid == os.getpid():
         return
+    if threading.current_thread() is threading.main_thread():  # Python sets handlers there only
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
     def watch():
         while True:

@@ -9,8 +9,9 @@
   mixed-precision and distributed optimizers wrap CUDA tensors only).
 - `sbatch examples/slurm/papo_72b.sbatch` under stand-in `srun` / `scontrol` executables (scripts
   written here, recording their arguments): two nodes start the launcher once each with their
-  NODE_RANK and node 0's address; on one node, a SIGUSR1 to the batch script reaches the trainer,
-  which saves and exits 0, and the job asked `scontrol requeue` with its id.
+  NODE_RANK and node 0's address; on one node, a SIGUSR1 to the batch script reaches every process
+  of the step (torchrun included, as SLURM delivers it), the trainer saves and exits 0, and only
+  then the job asks `scontrol requeue` with its id.
 """
 import json
 import os
@@ -105,7 +106,8 @@ STAND_INS = {
 echo "scontrol $*" >> "$RECORD"
 if [ "$1 $2" = "show hostnames" ]; then printf '%s\\n' $FAKE_NODES; fi
 """,
-    # srun: one task per node, SLURM_NODEID set; passes SIGUSR1/SIGTERM on to its tasks, like srun
+    # srun: one task per node, SLURM_NODEID set; a signal goes to every process of the step (SLURM's
+    # process tracking signals them all: the launcher, torchrun, the ranks and their helpers)
     "srun": """#!/usr/bin/env bash
 echo "srun $*" >> "$RECORD"
 while [ "${1#--}" != "$1" ]; do shift; done
@@ -113,8 +115,9 @@ pids=()
 for ((i = 0; i < SLURM_JOB_NUM_NODES; i++)); do
   SLURM_NODEID=$i "$@" & pids+=($!)
 done
-trap 'kill -USR1 "${pids[@]}" 2>/dev/null' USR1
-trap 'kill -TERM "${pids[@]}" 2>/dev/null' TERM
+tree() { local c; for c in $(pgrep -P "$2"); do tree "$1" "$c"; done; kill "-$1" "$2" 2>/dev/null; }
+trap 'for p in "${pids[@]}"; do tree USR1 "$p"; done' USR1
+trap 'for p in "${pids[@]}"; do tree TERM "$p"; done' TERM
 status=0
 for p in "${pids[@]}"; do
   while true; do
@@ -123,6 +126,7 @@ for p in "${pids[@]}"; do
   done
   [ "$s" = 0 ] || status=$s
 done
+echo "srun exit $status" >> "$RECORD"
 exit $status
 """,
     # python for the two-node dry run: records how the launcher called it
@@ -180,7 +184,9 @@ def test_sbatch_starts_one_launcher_per_node_and_requeues_on_usr1(tiny):
     rc = job.wait(timeout=300)
     log = log_path.read_text()
     assert rc == 0, log[-6000:]
-    assert "scontrol requeue 4242" in record.read_text()
+    # the requeue (which kills a running job) only after the step ended with every rank saved
+    calls = [line for line in record.read_text().splitlines() if line.startswith(("srun exit", "scontrol requeue"))]
+    assert calls == ["srun exit 0", "scontrol requeue 4242"], record.read_text()
     steps = [r["step"] for r in _metrics(out)]
     assert "checkpoint saved" in log and _latest(out) == steps[-1] < 50
 
