@@ -103,6 +103,14 @@ def check_layout(cfg) -> None:
                                  f"optimizers wrap CUDA tensors only (set parallel.{name}=false on CPU)")
     if world % (p.tp * p.pp):
         raise ValueError(f"the job's {world} ranks are not divisible by parallel.tp * parallel.pp = {p.tp} * {p.pp}")
+    dp = world // (p.tp * p.pp)
+    per_update = cfg.global_batch_size * cfg.rollout.n
+    if per_update % dp:  # each update splits its responses evenly over the data-parallel ranks
+        raise ValueError(f"global_batch_size * rollout.n = {per_update} responses per update must divide over the "
+                         f"{dp} data-parallel ranks (world / (parallel.tp * parallel.pp))")
+    if cfg.sft_steps > 0 and cfg.sft_batch_size % dp:
+        raise ValueError(f"sft_batch_size={cfg.sft_batch_size} must divide over the {dp} data-parallel ranks "
+                         f"(world / (parallel.tp * parallel.pp))")
     m = model_config(cfg)
     if cfg.model.hf_dir:
         from megatron_papo.models.qwen2_5_vl.hf_io import HFReader
