@@ -198,13 +198,19 @@ def run_config(ckpt: Path) -> dict:
     return yaml.safe_load((ckpt / "run_config.yaml").read_text())
 
 
+def _mean_of(rows: list[dict], key: str) -> float:
+    """Mean of `key` over the rows that log it as a number (a preset without it, or a diverged step
+    logged as "nan", has none); NaN when none do."""
+    values = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
+    return sum(values) / len(values) if values else math.nan
+
+
 def train_summary(rows: list[dict]) -> dict:
     """Means over the last TRAIN_WINDOW steps of the run's metrics.jsonl (NaN when absent)."""
     last = rows[-TRAIN_WINDOW:]
     out = {"steps": rows[-1]["step"] if rows else 0, "window": len(last)}
     for key in ("reward", "accuracy", "kl_prcp", "entropy", "masked_entropy", "clipfrac_high"):
-        values = [r[key] for r in last if isinstance(r.get(key), (int, float))]
-        out[key] = sum(values) / len(values) if values else math.nan
+        out[key] = _mean_of(last, key)
     return out
 
 
@@ -213,12 +219,12 @@ def length_drift(rows: list[dict], max_new_tokens: int) -> dict:
     reference KL before and after: tokens written past where the warm-up's model would have stopped
     are ones the reference finds unlikely, so ref_kl jumps with the length, not with a bad reference."""
     limit = AT_LIMIT * max_new_tokens
-    at = [r for r in rows if r.get("response_len", 0) >= limit]
-    below = [r for r in rows if r.get("response_len", 0) < limit]
-    mean = lambda rs: sum(r["ref_kl"] for r in rs) / len(rs) if rs else math.nan  # noqa: E731
+    logged = [r for r in rows if isinstance(r.get("response_len"), (int, float))]
+    at = [r for r in logged if r["response_len"] >= limit]
+    below = [r for r in logged if r["response_len"] < limit]
     return {"max_new_tokens": max_new_tokens, "first_step_at_limit": at[0]["step"] if at else None,
-            "steps_at_limit": len(at), "ref_kl_below_limit": mean(below), "ref_kl_at_limit": mean(at),
-            "ref_kl_step1": rows[0]["ref_kl"] if rows else math.nan}
+            "steps_at_limit": len(at), "ref_kl_below_limit": _mean_of(below, "ref_kl"),
+            "ref_kl_at_limit": _mean_of(at, "ref_kl"), "ref_kl_step1": _mean_of(rows[:1], "ref_kl")}
 
 
 def alarm_verdict(run: Run, rows: list[dict], monitor: dict) -> dict:

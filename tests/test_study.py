@@ -192,3 +192,20 @@ def test_alarm_lines_show_which_alarm_and_a_log_that_disagrees():
     assert fired.startswith("- papo_g, seed 2: fired at step 8 (4 steps; collapse) "
                             "(log: steps none; recomputed from metrics.jsonl: steps 8-10, 14);"), fired
     assert quiet.startswith("- papo_g, seed 2: did not fire; last 5 of 50 steps:") and "accuracy 0" in quiet
+
+
+def test_length_drift_reads_what_each_preset_logs():
+    """dapo / papo_d (beta = 0) log no ref_kl, and a diverged step logs "nan": the report takes the
+    numbers there are instead of failing after the whole study has trained."""
+    import math
+
+    from megatron_papo.study import length_drift
+
+    rows = [{"step": 1, "response_len": 10, "ref_kl": 0.1}, {"step": 2, "response_len": 31, "ref_kl": "nan"},
+            {"step": 3, "response_len": 32, "ref_kl": 0.5}, {"step": 4, "response_len": "nan"}]
+    d = length_drift(rows, 32)
+    assert (d["first_step_at_limit"], d["steps_at_limit"], d["ref_kl_below_limit"], d["ref_kl_at_limit"],
+            d["ref_kl_step1"]) == (2, 2, 0.1, 0.5, 0.1)
+    no_ref = length_drift([{k: v for k, v in r.items() if k != "ref_kl"} for r in rows], 32)
+    assert no_ref["steps_at_limit"] == 2 and all(math.isnan(no_ref[k]) for k in
+                                                  ("ref_kl_below_limit", "ref_kl_at_limit", "ref_kl_step1"))
