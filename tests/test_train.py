@@ -449,7 +449,8 @@ def test_exact_modes_and_options_at_pp2_dp2_equal_tp1(answering_hf_dir, tmp_path
     step (rollout_batch_size 8 > global_batch_size 4: each DP rank takes its slice of each), seq_mean,
     the k2 reference KL, a warm-up longer than the run and keep_last pruning: two steps at PP2 x DP2
     equal those at TP1 (metrics, grad norms, responses, weights). The lr rises linearly over the 2
-    epochs x 2 minibatches = 4 optimizer steps per RL step, from 0; only the last 2 checkpoints are kept."""
+    epochs x 2 minibatches = 4 optimizer steps per RL step, from 0, and a step logs the mean of the lrs
+    its updates used; only the last 2 checkpoints are kept."""
     data = _number_data(tmp_path, ["7", "3", "5", "7"] * 4)
     ref, pp = tmp_path / "tp1", tmp_path / "pp2dp2"
     _train(1, ref, answering_hf_dir, OPTIONS + [f"data.path={data}"], timeout=240)
@@ -458,7 +459,8 @@ def test_exact_modes_and_options_at_pp2_dp2_equal_tp1(answering_hf_dir, tmp_path
     assert _rollouts(ref) == _rollouts(pp) and len(_rollouts(ref)) == 2
     for step, (row, dump) in enumerate(zip(_metrics(ref), _rollouts(ref)), 1):
         assert len(dump) == 24 and any(e["advantage"] != 0 for e in dump), step  # the policy term trains
-        assert row["lr"] == pytest.approx(1e-3 * 4 * step / 10, rel=1e-9), row
+        # the mean of the lrs its 4 updates used: warm-up positions 4 (step - 1) + 0..3 of 10, from 0
+        assert row["lr"] == pytest.approx(1e-3 * (4 * (step - 1) + 1.5) / 10, rel=1e-9), row
         assert row["kl_prcp"] > 0 and row["masked_entropy"] > 0 and row["ref_kl"] != 0, row
         assert row["ratio_mean"] != 1.0, row  # epoch 2 sees a policy its first epoch moved
     for run in (ref, pp):

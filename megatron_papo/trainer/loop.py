@@ -92,11 +92,13 @@ class Trainer:
         sync_weights(self.models, self.engine, self.weight_sync)
         validating = cfg.validation.problems > 0
         if fresh:
-            if validating:  # the starting point RL is judged against
-                self.metrics.log(0, self.validate(0))
-            # step 0, after its validation row (a resume keeps the rows up to its step): a killed run
-            # never redoes the warm-up, except when killed during this first sync or validation
+            start = self.validate(0) if validating else None  # the starting point RL is judged against
+            # step 0 (its validation in validation/step_0.json): a killed run never redoes the warm-up,
+            # except when killed during this first sync or validation. The metrics row only after the
+            # save: a row without a checkpoint would make the rerun refuse the folder as another run's.
             self._save()
+            if start is not None:
+                self.metrics.log(0, start)
         alarm = None
         while self.state.step < cfg.steps:
             self.state.step += 1
@@ -155,7 +157,6 @@ class Trainer:
             sync_weights(self.models, self.engine, self.weight_sync)
         tokens = sum(e.length for e in experiences)
         metrics = {**rollout_metrics, **mismatch, **train_metrics, **self.data.skip_metrics(),
-                   "lr": self.optimizer.param_groups[0]["lr"],
                    "tokens_per_s": tokens / max(sum(phases.values()), 1e-9)}
         return metrics, phases
 
@@ -343,10 +344,12 @@ class Trainer:
                 metrics = {k: v * scale * (1.0 if k == "loss" else share) for k, v in metrics.items()}
             return loss * scale, metrics
 
+        lr = self.optimizer.param_groups[0]["lr"]  # this update's (the schedule then moves it on)
         outs, grad_norm = self.optimizer_step(self.optimizer, self.scheduler, mbs, on_logits,
                                               images="both" if both else "real")
         metrics = _mean_dicts(outs)
         metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        metrics["lr"] = lr
         return self._from_last_stage(metrics)
 
     def optimizer_step(self, optimizer, scheduler, mbs, on_logits, images: str = "real") -> tuple[list[dict], float]:
