@@ -45,7 +45,8 @@ def test_update_minimises_papo_loss_of_its_inputs(preset, tmp_path):
     got, want = json.loads(line.split(None, 1)[1]).values()
     # grpo has no masked branch: no kl_prcp / masked_entropy on either side
     assert ("kl_prcp" in want) == (preset == "papo_h") and want["ref_kl"] > 0.05
-    assert {k for k in got if k != "grad_norm"} == set(want), line
+    assert {k for k in got if k not in ("grad_norm", "lr")} == set(want), line
+    assert got["lr"] == pytest.approx(1e-3), line  # the lr this update used (optim.lr, no warm-up)
     for key, value in want.items():
         assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-6), (key, line)
 

@@ -65,7 +65,8 @@ def run_micro_batches(model_chunks: list[torch.nn.Module], micro_batches: list[M
         return []
     model_cfg, config = _unwrap(model_chunks[0]).model_cfg, _unwrap(model_chunks[0]).config
     device = next(model_chunks[0].parameters()).device
-    batches = [add_position_ids(mb, model_cfg).to(device) for mb in micro_batches]
+    # on the device one at a time, as the schedule reaches them (a step's share of images does not fit at once)
+    batches = [add_position_ids(mb, model_cfg) for mb in micro_batches]
     sequence_split = config.tensor_model_parallel_size if config.sequence_parallel else 1
     outputs: list[dict] = []
 
@@ -75,7 +76,7 @@ def run_micro_batches(model_chunks: list[torch.nn.Module], micro_batches: list[M
         return loss, {}
 
     def forward_step(data_iterator, model):
-        mb = next(data_iterator)
+        mb = next(data_iterator).to(device)
         ids, pos, pixels, grid, image_mask = model_inputs(mb, images, model_cfg.image_token_id)
         start = mb.logits_start(sequence_split)
         # right padding + causal attention: real tokens never attend to padding, so no mask is needed
