@@ -123,8 +123,13 @@ def build_models(cfg: TrainConfig) -> Models:
         reference.config.variable_seq_lengths = True
         reference.requires_grad_(False)
         reference.eval()
-        if torch.cuda.is_available() and not cfg.model.ref_offload:
-            reference.cuda()
+        if torch.cuda.is_available():
+            # megatron builds its layers on the GPU already; an offloaded reference lives in host memory
+            # except during its forward (reference_on_device), from the start
+            if cfg.model.ref_offload:
+                reference.cpu()
+            else:
+                reference.cuda()
     models = Models(model_cfg, processor, [ddp], reference, offload_reference=cfg.model.ref_offload)
     models.copy_policy_to_reference()
     return models
