@@ -80,8 +80,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return value.lower() in ("true", "1", "yes", "on")
         raise ConfigError(f"{where}: expected true/false, got {value!r}")
     if tp in (int, float, str):
-        if isinstance(value, bool) and tp is not str:
-            raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}")
+        if isinstance(value, bool):  # YAML reads yes/no/on/off as booleans: quote such a text
+            raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}" + (" (quote it)" if tp is str else ""))
         try:
             out = tp(value)
         except (TypeError, ValueError):
@@ -104,26 +104,6 @@ def _build(cls: type[T], data: dict[str, Any], where: str) -> T:
         raise ConfigError(f"{where or cls.__name__}: {e}") from None
 
 
-def apply_override(cfg: T, key: str, value: Any, where: str = "command line", _done: str = "") -> T:
-    """Return a copy of `cfg` with the dotted `key` set to `value` (converted to the field's type)."""
-    head, _, rest = key.partition(".")
-    full = _done + head
-    types_ = _field_types(type(cfg))
-    if head not in types_:
-        raise ConfigError(f"{where}: unknown option {head!r} (in {_done + key!r}); valid here: {sorted(types_)}")
-    current = getattr(cfg, head)
-    if rest:
-        if not dataclasses.is_dataclass(current):
-            raise ConfigError(f"{where}: {full!r} has no sub-options (in {_done + key!r})")
-        new = apply_override(current, rest, value, where, full + ".")
-    else:
-        new = _coerce(value, types_[head], f"{where}: {full}")
-    try:
-        return dataclasses.replace(cfg, **{head: new})
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"{where}: {full}: {e}") from None
-
-
 def parse_overrides(items: list[str]) -> list[tuple[str, str]]:
     out = []
     for item in items:
@@ -135,8 +115,11 @@ def parse_overrides(items: list[str]) -> list[tuple[str, str]]:
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] = (), base: T | None = None) -> T:
-    """Defaults of `cls` (or `base`), then the YAML file (if any), then `key=value` overrides, in that order."""
-    cfg = cls() if base is None else base
+    """Defaults of `cls` (or `base`), then the YAML file (if any), then `key=value` overrides, in that
+    order. Each value is checked against its field's type where it is read (the error names the file
+    or the command line); the dataclasses are built once, from the final values, so a check that
+    relates two options sees both, whatever order they were given in."""
+    tree = _tree(cls() if base is None else base)
     if path is not None:
         path = Path(path)
         try:
@@ -147,23 +130,58 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
             raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path}: expected a mapping at the top level")
-        cfg = _apply_mapping(cfg, data, str(path))
-    for key, value in parse_overrides(list(overrides)):
-        cfg = apply_override(cfg, key, yaml.safe_load(value) if value.strip() else value)
-    return cfg
+        _merge(cls, tree, data, str(path))
+    for key, raw in parse_overrides(list(overrides)):
+        _set(cls, tree, key, raw)
+    return _build(cls, tree, "")
 
 
-def _apply_mapping(cfg: T, data: dict[str, Any], where: str, prefix: str = "") -> T:
-    """Apply a (nested) YAML mapping onto the dataclass tree: sub-mappings of dataclass fields
-    recurse, anything else replaces the field's value."""
+def _tree(cfg: Any) -> dict[str, Any]:
+    """The dataclass tree as nested dicts of its field values (sub-dataclasses become dicts)."""
+    return {f.name: _tree(v) if dataclasses.is_dataclass(v := getattr(cfg, f.name)) else v
+            for f in dataclasses.fields(cfg)}
+
+
+def _merge(cls: type, tree: dict[str, Any], data: dict[str, Any], where: str, prefix: str = "") -> None:
+    """Write a (nested) mapping into `tree` (the values of a `cls`): a mapping given for a dataclass
+    field merges into its current values; anything else replaces the field's value."""
+    types_ = _field_types(cls)
     for key, value in data.items():
         dotted = f"{prefix}{key}"
-        types_ = _field_types(type(cfg))
-        if key in types_ and isinstance(value, dict) and dataclasses.is_dataclass(getattr(cfg, key)):
-            cfg = dataclasses.replace(cfg, **{key: _apply_mapping(getattr(cfg, key), value, where, dotted + ".")})
+        if key not in types_:
+            raise ConfigError(f"{where}: unknown option {key!r} (in {dotted!r}); valid here: {sorted(types_)}")
+        tp = types_[key]
+        if dataclasses.is_dataclass(tp) and isinstance(value, dict):
+            _merge(tp, tree[key], value, where, dotted + ".")
         else:
-            cfg = apply_override(cfg, key, value, where=where, _done=prefix)
-    return cfg
+            tree[key] = _coerce(value, tp, f"{where}: {dotted}")
+
+
+def _set(cls: type, tree: dict[str, Any], key: str, raw: str, where: str = "command line") -> None:
+    """Apply one `key=value` override. The value is YAML (numbers, booleans, lists, mappings), except
+    for a text option, which takes the text as typed (`output_dir=no` is the folder "no")."""
+    *sections, name = key.split(".")
+    done = ""
+    for section in sections:
+        types_ = _field_types(cls)
+        if section not in types_:
+            raise ConfigError(f"{where}: unknown option {section!r} (in {key!r}); valid here: {sorted(types_)}")
+        if not dataclasses.is_dataclass(types_[section]):
+            raise ConfigError(f"{where}: {done + section!r} has no sub-options (in {key!r})")
+        cls, tree, done = types_[section], tree[section], done + section + "."
+    tp = _field_types(cls).get(name)
+    value = raw if tp is not None and _is_text(tp) or not raw.strip() else yaml.safe_load(raw)
+    _merge(cls, tree, {name: value}, where, done)
+
+
+def _is_text(tp: Any) -> bool:
+    """str, an optional str, or a choice among strings."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return bool(args) and all(_is_text(a) for a in args)
+    if typing.get_origin(tp) is typing.Literal:
+        return all(isinstance(a, str) for a in typing.get_args(tp))
+    return tp is str
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -52,3 +52,51 @@ def test_yaml_errors_name_the_file(tmp_path):
         load_config(Outer, f)
     with pytest.raises(ConfigError, match="missing.yaml"):
         load_config(Outer, tmp_path / "missing.yaml")
+
+
+@dataclass
+class Bounds:
+    low: int = 10
+    high: int = 20
+
+    def __post_init__(self):
+        if not self.low <= self.high:
+            raise ValueError(f"low {self.low} must be <= high {self.high}")
+
+
+@dataclass
+class WithBounds:
+    name: str = "run"
+    bounds: Bounds = field(default_factory=Bounds)
+
+
+def test_related_options_in_any_order(tmp_path):
+    """A check that relates two options sees both final values: lowering both bounds works whether
+    the high one comes first (on the command line or in the file) or not; a bad final pair is still an
+    error naming the section."""
+    for order in (["bounds.high=5", "bounds.low=1"], ["bounds.low=1", "bounds.high=5"]):
+        assert load_config(WithBounds, None, order).bounds == Bounds(1, 5)
+    f = tmp_path / "c.yaml"
+    f.write_text("bounds:\n  high: 5\n  low: 1\n")
+    assert load_config(WithBounds, f).bounds == Bounds(1, 5)
+    with pytest.raises(ConfigError, match="bounds: low 30 must be <= high 20"):
+        load_config(WithBounds, None, ["bounds.low=30"])
+
+
+def test_a_section_given_whole_merges_into_its_current_values():
+    """`inner={lr: 3e-6}` sets lr and keeps what the base (e.g. a preset) set for the other options."""
+    base = Outer(inner=Inner(tp=8, mode="exact"))
+    cfg = load_config(Outer, None, ["inner={lr: 3.0e-6}"], base=base)
+    assert cfg.inner == Inner(tp=8, lr=3e-6, mode="exact")
+
+
+def test_text_options_take_the_text_as_typed(tmp_path):
+    """YAML would read `no` as false and `1_000` as 1000: a text option on the command line keeps what
+    was typed; in a file such a value must be quoted."""
+    cfg = load_config(Outer, None, ["name=no", "path=1_000"])
+    assert (cfg.name, cfg.path) == ("no", "1_000")
+    assert load_config(Outer, None, ["path=null"]).path is None
+    f = tmp_path / "c.yaml"
+    f.write_text("name: no\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: name: expected str, got False \(quote it\)"):
+        load_config(Outer, f)

@@ -40,7 +40,7 @@ def main(argv=None):
     from megatron_papo.models.qwen2_5_vl.dist_io import checkpoint_layout, load_dist_checkpoint
     from megatron_papo.models.qwen2_5_vl.hf_io import HFReader, load_hf_weights, read_hf_config
     from megatron_papo.models.qwen2_5_vl.model import ModelParallelOptions, build_model
-    from megatron_papo.parallel import destroy_model_parallel, initialize_model_parallel
+    from megatron_papo.parallel import collective_device, destroy_model_parallel, initialize_model_parallel
 
     cfg = read_hf_config(args.hf_dir)
     initialize_model_parallel(args.tp, args.pp, seed=args.seed)
@@ -51,16 +51,21 @@ def main(argv=None):
         load_dist_checkpoint(model, args.ckpt)
     else:
         load_hf_weights(model, HFReader(args.hf_dir))
+    if torch.cuda.is_available():
+        model.cuda()  # megatron builds its layers there; ours (patch embedding, norms) follow
     model.eval()
-    batch = parity.synthetic_batch(cfg, seed=args.seed)
+    batch = parity.synthetic_batch(cfg, seed=args.seed)  # on the CPU, where transformers' model runs
+    on_device = {k: v.to(torch.cuda.current_device()) if torch.cuda.is_available() and v is not None else v
+                 for k, v in batch.items()}
     with torch.no_grad():
-        logits, _ = parity.run_model(model, batch)
+        logits, _ = parity.run_model(model, on_device)
     diff = torch.zeros(())
     if logits is not None and parallel_state.get_tensor_model_parallel_rank() == 0:
         hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(args.hf_dir, dtype=torch.float32,
                                                                 attn_implementation="eager").eval()
         with torch.no_grad():
-            diff = (logits - parity.hf_logits(hf, batch)).abs().max()
+            diff = (logits.cpu() - parity.hf_logits(hf, batch)).abs().max()
+    diff = diff.to(collective_device())
     dist.all_reduce(diff, op=dist.ReduceOp.MAX)
     ok = diff.item() <= args.tol
     if dist.get_rank() == 0:

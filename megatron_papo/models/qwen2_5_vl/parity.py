@@ -80,8 +80,8 @@ def run_model(model, batch: dict, loss_weight: torch.Tensor | None = None, logit
         if loss_weight is None:
             return logits.sum() * 0.0, {}
         padded = torch.zeros(*loss_weight.shape[:-1], local_vocab * dist.get_world_size(
-            parallel_state.get_tensor_model_parallel_group()), dtype=logits.dtype)
-        padded[..., : model.vocab_size] = loss_weight
+            parallel_state.get_tensor_model_parallel_group()), dtype=logits.dtype, device=logits.device)
+        padded[..., : model.vocab_size] = loss_weight.to(logits.device)
         loss = (logits * padded[..., tp_rank * local_vocab:(tp_rank + 1) * local_vocab]).sum()
         total = loss.detach().clone()
         dist.all_reduce(total, group=parallel_state.get_tensor_model_parallel_group())
