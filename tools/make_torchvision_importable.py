@@ -5,7 +5,7 @@ ops (`_C.so`) cannot load against torch 2.13.0+cpu, and its op registrations the
 ("operator torchvision::nms does not exist"), which also breaks `transformers`' Qwen2.5-VL
 imports. Neither vLLM nor transformers needs torchvision's C++ ops (nms, roi_align, ...), only its
 pure-Python transforms. So, in the given venv only: remove `_C.so` and turn the two modules that
-register fake/autograd kernels for those ops into no-ops. Idempotent; a GPU install never runs it.
+register fake/autograd kernels for those ops into no-ops. Idempotent; with a CUDA torch it refuses.
 
 Usage: python tools/make_torchvision_importable.py   (with the venv's python)
 """
@@ -17,6 +17,12 @@ STUB = '"""Emptied by megatron_papo/tools/make_torchvision_importable.py: the C+
 
 
 def main() -> int:
+    import torch
+
+    if torch.version.cuda is not None:  # a CUDA torch loads the CUDA torchvision's ops: nothing to repair
+        print(f"torch {torch.__version__} is a CUDA build: its torchvision works as installed; left unchanged",
+              file=sys.stderr)
+        return 2
     spec = importlib.util.find_spec("torchvision")
     if spec is None or spec.origin is None:
         print("torchvision not installed: nothing to do")
