@@ -84,7 +84,10 @@ def parallel_options(cfg: TrainConfig) -> ModelParallelOptions:
         tp=p.tp, pp=p.pp, sequence_parallel=p.sequence_parallel,
         recompute_granularity="full" if p.recompute else None, recompute_method="uniform" if p.recompute else None,
         recompute_num_layers=1 if p.recompute else None,
-        params_dtype=torch.bfloat16 if p.bf16 else torch.float32)
+        params_dtype=torch.bfloat16 if p.bf16 else torch.float32,
+        # transformer-engine's attention has no fp32 kernel for the ViT's packed windows: fp32 runs the
+        # plain-torch specs (None: TE when it imports)
+        use_te=None if p.bf16 else False)
 
 
 def _init_weights(model, cfg: TrainConfig) -> None:

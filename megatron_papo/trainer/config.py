@@ -36,7 +36,8 @@ class ParallelConfig:
     pp: int = 1                     # pipeline-parallel size (DP = world / (tp * pp))
     sequence_parallel: bool = False  # shard activations along the sequence in TP regions (needs tp > 1)
     recompute: bool = False         # full activation recomputation of every layer (needed at 72B)
-    bf16: bool = False              # bf16 params + fp32 main weights (GPU); fp32 on CPU
+    bf16: bool = False              # bf16 params + fp32 main weights (GPU; transformer-engine specs when TE imports,
+                                    # fp32 runs the plain-torch specs)
     distributed_optimizer: bool = False  # shard optimizer state over DP (megatron distributed optimizer; GPU)
 
 
