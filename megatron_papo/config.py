@@ -80,6 +80,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return value.lower() in ("true", "1", "yes", "on")
         raise ConfigError(f"{where}: expected true/false, got {value!r}")
     if tp in (int, float, str):
+        if value is None:
+            raise ConfigError(f"{where}: expected {tp.__name__}, got None")
         if isinstance(value, bool):  # YAML reads yes/no/on/off as booleans: quote such a text
             raise ConfigError(f"{where}: expected {tp.__name__}, got {value!r}" + (" (quote it)" if tp is str else ""))
         try:
@@ -120,6 +122,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     or the command line); the dataclasses are built once, from the final values, so a check that
     relates two options sees both, whatever order they were given in."""
     tree = _tree(cls() if base is None else base)
+    sources = []  # where values came from, named by an error of the final build
     if path is not None:
         path = Path(path)
         try:
@@ -131,9 +134,15 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
         if not isinstance(data, dict):
             raise ConfigError(f"config file {path}: expected a mapping at the top level")
         _merge(cls, tree, data, str(path))
-    for key, raw in parse_overrides(list(overrides)):
-        _set(cls, tree, key, raw)
-    return _build(cls, tree, "")
+        sources.append(str(path))
+    if overrides:
+        for key, raw in parse_overrides(list(overrides)):
+            _set(cls, tree, key, raw)
+        sources.append("the command line")
+    try:
+        return _build(cls, tree, "")
+    except ConfigError as e:
+        raise ConfigError(f"{e} (options from {' and '.join(sources) or 'the defaults'})") from None
 
 
 def _tree(cfg: Any) -> dict[str, Any]:
@@ -159,7 +168,8 @@ def _merge(cls: type, tree: dict[str, Any], data: dict[str, Any], where: str, pr
 
 def _set(cls: type, tree: dict[str, Any], key: str, raw: str, where: str = "command line") -> None:
     """Apply one `key=value` override. The value is YAML (numbers, booleans, lists, mappings), except
-    for a text option, which takes the text as typed (`output_dir=no` is the folder "no")."""
+    for a text option, which takes the text as typed (`output_dir=no` is the folder "no"; surrounding
+    spaces and quotes dropped; `~`, `none`, `null`: None where the option allows it)."""
     *sections, name = key.split(".")
     done = ""
     for section in sections:
@@ -170,7 +180,14 @@ def _set(cls: type, tree: dict[str, Any], key: str, raw: str, where: str = "comm
             raise ConfigError(f"{where}: {done + section!r} has no sub-options (in {key!r})")
         cls, tree, done = types_[section], tree[section], done + section + "."
     tp = _field_types(cls).get(name)
-    value = raw if tp is not None and _is_text(tp) or not raw.strip() else yaml.safe_load(raw)
+    if tp is not None and _is_text(tp):
+        value = raw.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]  # quoted as in YAML
+        elif value == "~":
+            value = None  # YAML's null, as `none` and `null`
+    else:
+        value = yaml.safe_load(raw) if raw.strip() else raw
     _merge(cls, tree, {name: value}, where, done)
 
 

@@ -79,8 +79,11 @@ def test_related_options_in_any_order(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("bounds:\n  high: 5\n  low: 1\n")
     assert load_config(WithBounds, f).bounds == Bounds(1, 5)
-    with pytest.raises(ConfigError, match="bounds: low 30 must be <= high 20"):
+    with pytest.raises(ConfigError, match=r"bounds: low 30 must be <= high 20 \(options from the command line\)"):
         load_config(WithBounds, None, ["bounds.low=30"])
+    f.write_text("bounds:\n  low: 30\n")
+    with pytest.raises(ConfigError, match=r"bounds: low 30 must be <= high 20 \(options from .*c\.yaml\)"):
+        load_config(WithBounds, f)
 
 
 def test_a_section_given_whole_merges_into_its_current_values():
@@ -95,7 +98,10 @@ def test_text_options_take_the_text_as_typed(tmp_path):
     was typed; in a file such a value must be quoted."""
     cfg = load_config(Outer, None, ["name=no", "path=1_000"])
     assert (cfg.name, cfg.path) == ("no", "1_000")
-    assert load_config(Outer, None, ["path=null"]).path is None
+    assert all(load_config(Outer, None, [f"path={v}"]).path is None for v in ("null", "none", "~"))
+    assert load_config(Outer, None, ["name= 'a b' ", 'path="x"']) == Outer(name="a b", path="x")
+    with pytest.raises(ConfigError, match="name: expected str, got None"):
+        load_config(Outer, None, ["name=~"])
     f = tmp_path / "c.yaml"
     f.write_text("name: no\n")
     with pytest.raises(ConfigError, match=r"c\.yaml: name: expected str, got False \(quote it\)"):
