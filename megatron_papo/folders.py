@@ -10,6 +10,7 @@ way: `write_text_atomic`.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import uuid
@@ -65,10 +66,19 @@ def write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def fsync_folder(path: Path) -> None:
-    """Flush a folder's entries (renames into it) to disk."""
+def fsync_folder(path: Path, with_files: bool = False) -> None:
+    """Flush a folder's entries (renames into it), and with `with_files` its files, to disk. A
+    filesystem that cannot sync a folder (EINVAL on some network and FUSE mounts) is left as it is."""
+    if with_files:
+        for f in path.iterdir():
+            if f.is_file():
+                with open(f, "rb") as handle:
+                    os.fsync(handle.fileno())
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise
     finally:
         os.close(fd)

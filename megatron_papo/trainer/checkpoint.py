@@ -15,8 +15,8 @@ them is never read, pruned or removed.
 
 Atomicity: every rank writes into `step_N.tmp`; after a barrier, rank 0 writes COMPLETE, renames
 the directory to `step_N` (one rename: a kill leaves either the old or the new name) and then
-replaces `latest` (write + os.replace). The small files are fsynced and so is the folder after the
-rename. A kill at any point leaves the newest complete step_N whole, and resume=auto takes it (a
+replaces `latest` (write + os.replace). The folder's files are fsynced before COMPLETE is written,
+and the parent folder after the rename. A kill at any point leaves the newest complete step_N whole, and resume=auto takes it (a
 kill between the rename and `latest` leaves `latest` one save behind).
 
 No pickles: a checkpoint may come from anyone, and unpickling runs code. A checkpoint holds tensors
@@ -248,7 +248,8 @@ def save_checkpoint(cfg: CheckpointConfig, step: int, modules: dict, optimizer, 
             write_text_atomic(tmp / RUN_CONFIG, dump_yaml(run_config))
         if write_extras is not None:
             write_extras(tmp)
-        write_text_atomic(tmp / COMPLETE_MARKER, f"{step}\n")  # fsynced: COMPLETE never precedes its files on disk
+        fsync_folder(tmp, with_files=True)  # write_extras' files too: COMPLETE never reaches the disk before them
+        write_text_atomic(tmp / COMPLETE_MARKER, f"{step}\n")
         if final.exists():  # a re-save of the same step (e.g. signal right after a periodic save)
             _delete(final)
         os.replace(tmp, final)

@@ -114,7 +114,7 @@ class TrainConfig:
     validation: ValidationConfig = field(default_factory=ValidationConfig)
 
     def validate(self) -> "TrainConfig":
-        """Cross-field checks, run once the whole config is read (fields are set one by one)."""
+        """Cross-field checks of the whole run (sections check their own fields when built)."""
         for name, value, low in (("steps", self.steps, 0), ("rollout_batch_size", self.rollout_batch_size, 1),
                                  ("global_batch_size", self.global_batch_size, 1),
                                  ("micro_batch_size", self.micro_batch_size, 1), ("ppo_epochs", self.ppo_epochs, 1),
