@@ -28,11 +28,8 @@ import numpy as np
 from PIL import Image
 
 from megatron_papo.data.prompts import IMAGE_PLACEHOLDER, PROMPT_TEMPLATES, render_prompt
-
-# Qwen2.5-VL's chat and vision special tokens: a problem text holding one breaks the encoding
-CHAT_SPECIAL_TOKENS = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<|vision_start|>", "<|vision_end|>",
-                       "<|image_pad|>", "<|video_pad|>", "<|vision_pad|>")
 from megatron_papo.data.rewards import parse_choices
+from megatron_papo.data.tokenizer import CHAT_SPECIAL_TOKENS
 
 if TYPE_CHECKING:
     from megatron_papo.data.synthetic import SyntheticConfig

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 
 from megatron_papo.data.prompts import DEFAULT_SYSTEM_PROMPT, PROMPT_TEMPLATES, QWEN_VL_CHAT_TEMPLATE
 
-# Special tokens in id order, starting at TINY_SPECIAL_START (the tiny flavor's bos/endoftext id).
-TINY_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+# Qwen2.5-VL's chat and vision special tokens; the tiny tokenizer gives them ids in this order, from
+# TINY_SPECIAL_START (the tiny flavor's bos/endoftext id).
+CHAT_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                        "<|image_pad|>", "<|video_pad|>", "<|im_start|>")
 TINY_SPECIAL_START = 1016
 TINY_VOCAB_LIMIT = 1024  # the tiny flavor's embedding rows
@@ -78,13 +79,13 @@ def build_tiny_tokenizer():
     tok.train_from_iterator(_corpus() * 4, trainer=trainer)
     # A small corpus may stop merging early: pad with reserved tokens so specials land at their ids.
     reserved = [f"<|reserved_{i}|>" for i in range(n_ordinary - tok.get_vocab_size())]
-    tok.add_special_tokens(reserved + list(TINY_SPECIAL_TOKENS))
-    for i, t in enumerate(TINY_SPECIAL_TOKENS):
+    tok.add_special_tokens(reserved + list(CHAT_SPECIAL_TOKENS))
+    for i, t in enumerate(CHAT_SPECIAL_TOKENS):
         assert tok.token_to_id(t) == TINY_SPECIAL_START + i, (t, tok.token_to_id(t))
     assert tok.get_vocab_size() <= TINY_VOCAB_LIMIT
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-        unk_token=None, additional_special_tokens=list(TINY_SPECIAL_TOKENS),
+        unk_token=None, additional_special_tokens=list(CHAT_SPECIAL_TOKENS),
         chat_template=QWEN_VL_CHAT_TEMPLATE, model_max_length=4096, padding_side="right")
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from megatron_papo.data.tokenizer import TINY_SPECIAL_START, save_tiny_tokenizer
-from megatron_papo.data.tokenizer import TINY_SPECIAL_TOKENS as _SPECIALS_IN_ORDER
+from megatron_papo.data.tokenizer import CHAT_SPECIAL_TOKENS as _SPECIALS_IN_ORDER
 
 # Qwen special tokens at the tiny flavor's ids (megatron_papo.data.tokenizer puts them there).
 TINY_SPECIAL_TOKENS = {tok: TINY_SPECIAL_START + i for i, tok in enumerate(_SPECIALS_IN_ORDER)}
