@@ -154,7 +154,7 @@ class Evaluator:
         masked run of a checkpoint draw the same random numbers."""
         from megatron_papo.data.rewards import get_reward_fn
         from megatron_papo.rollout.engine import SamplingConfig
-        from megatron_papo.trainer.build import rollout_requests
+        from megatron_papo.trainer.build import check_engine_prompt, rollout_requests
 
         shown = masked_samples(samples, mask) if mask is not None else samples
         outputs = self.engine.generate(rollout_requests(self.processor, shown), SamplingConfig(
@@ -163,10 +163,11 @@ class Evaluator:
         reward_fn = get_reward_fn(reward)
         result = EvalResult(k=k, problems=len(samples))
         for s, shown_sample, outs in zip(samples, shown, outputs):
-            expected = self.processor.encode_sample(shown_sample).input_ids.tolist()
-            if outs and outs[0].prompt_token_ids != expected:  # images sized otherwise than --min/--max-pixels say
-                raise EvalError(f"sample {s.sample_id}: vLLM's prompt ({len(outs[0].prompt_token_ids)} tokens) differs "
-                                f"from the processor's ({len(expected)} tokens, min/max pixels {self.pixels})")
+            try:
+                check_engine_prompt(s.sample_id, outs[0].prompt_token_ids,
+                                    self.processor.encode_sample(shown_sample).input_ids.tolist())
+            except ValueError as e:
+                raise EvalError(f"{e}; --min-pixels/--max-pixels: {self.pixels}") from None
             for o in outs:
                 text = self.processor.tokenizer.decode(o.response_token_ids, skip_special_tokens=True)
                 g = reward_fn(text, s.answer, s.choices)

@@ -212,6 +212,14 @@ def rollout_requests(processor: VLProcessor, samples) -> list[RolloutRequest]:
                            list(s.images)) for s in samples]
 
 
+def check_engine_prompt(sample_id, engine_ids: list[int], expected_ids: list[int]) -> None:
+    """The engine's expanded prompt must be the processor's: else its image sizes (min/max pixels)
+    differ, and its tokens are not the ones the trainer scores."""
+    if engine_ids != expected_ids:
+        raise ValueError(f"sample {sample_id}: the rollout engine's prompt ({len(engine_ids)} tokens) differs from "
+                         f"the processor's ({len(expected_ids)} tokens): images sized otherwise (min/max pixels)")
+
+
 # ------------------------------------------------------------------ rollout engine + weight sync
 def build_engine(cfg: TrainConfig, models: Models, out: Path, ctx: ParallelContext, max_images_per_prompt: int):
     """This rank's worker of its rollout engine; every rank builds at once (a collective)."""

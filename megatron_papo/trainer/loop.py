@@ -39,6 +39,7 @@ from megatron_papo.trainer.build import (
     build_models,
     build_optimizer,
     build_weight_sync,
+    check_engine_prompt,
     rollout_requests,
     sync_weights,
 )
@@ -209,9 +210,7 @@ class Trainer:
         for gi, (s, enc, outs) in enumerate(zip(samples, encoded, responses)):
             group = []
             for prompt_ids, response_ids, logps, finish, reward in outs:
-                if prompt_ids != enc.input_ids.tolist():
-                    raise RuntimeError(f"sample {s.sample_id}: the rollout engine's prompt tokens differ from the "
-                                       "trainer's processor (check min/max pixels in the engine's preprocessor_config)")
+                check_engine_prompt(s.sample_id, prompt_ids, enc.input_ids.tolist())
                 if not response_ids:  # an immediate stop: keep one EOS so the sequence has a target
                     response_ids, logps = [self.model_cfg.eos_token_id], [0.0]
                 group.append(Experience.from_encoded(
