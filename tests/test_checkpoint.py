@@ -1,5 +1,5 @@
 """Checkpoints:
-- survive a kill during a save: `latest` still names the previous complete checkpoint, the
+- survive a kill during a save: the previous complete checkpoint is the newest one, the
   half-written one is ignored, and the trainer resumes from the previous one with its weights;
 - hold tensors and JSON only, and resuming unpickles nothing from them (a pickle runs code);
 - record the run's config: a resume that changes the objective is refused with the keys named, a
@@ -110,13 +110,9 @@ def test_sigkill_during_save_keeps_previous_checkpoint(jobs, tmp_path):
     assert rc == -signal.SIGKILL, log[-4000:]
     assert not left, f"processes outlived the killed worker: {[p.cmdline() for p in left]}"
     ckpts = tmp_path / "checkpoints"
-    assert (ckpts / "latest").read_text().strip() == "1"
     assert (ckpts / "step_00000002.tmp").is_dir() and not is_complete(ckpts / "step_00000002.tmp")
     assert find_resume_checkpoint(CheckpointConfig(save_dir=str(ckpts))) == ckpts / "step_00000001"
     _assert_no_pickles(ckpts / "step_00000001", step=1)
-    # `latest` lost too (e.g. a kill between rename and pointer update): the newest complete one wins
-    (ckpts / "latest").unlink()
-    assert find_resume_checkpoint(CheckpointConfig(save_dir=str(ckpts))) == ckpts / "step_00000001"
     rc, log, left = jobs.run("load", tmp_path, warmup)
     assert rc == 0 and not left, log[-4000:]
     assert "resumed step 1 " in log, log[-4000:]
@@ -132,8 +128,8 @@ def test_sigkill_during_save_keeps_previous_checkpoint(jobs, tmp_path):
 
 def test_only_our_names_are_read_pruned_or_removed(tmp_path):
     """A user's export or copy beside the checkpoints (step_00000002_hf, step_00000001_backup with its
-    COMPLETE) is never resumed from, pruned or removed; leftovers of killed saves and deletions are.
-    A kill between the rename and `latest` leaves `latest` one save behind: auto takes the newest."""
+    COMPLETE) is never resumed from, pruned or removed; leftovers of killed saves and deletions are;
+    auto takes the newest complete checkpoint."""
     def folder(name, complete):
         (tmp_path / name).mkdir()
         (tmp_path / name / "data").write_text("x")
@@ -144,14 +140,13 @@ def test_only_our_names_are_read_pruned_or_removed(tmp_path):
                            ("step_00000002_hf", False), ("step_00000001_backup", True), ("step_00000009_old", True),
                            ("step_00000004.tmp", False), ("step_00000000.deleted.tmp", True), ("step_notes.tmp", False)]:
         folder(name, complete)
-    (tmp_path / "latest").write_text("2\n")
     ours = ["step_00000001", "step_00000002", "step_00000003"]
     assert [p.name for p in complete_checkpoints(tmp_path)] == ours
     assert find_resume_checkpoint(CheckpointConfig(save_dir=str(tmp_path))) == tmp_path / "step_00000003"
     remove_leftovers(tmp_path)
     _prune(tmp_path, keep_last=1)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        ["latest", "step_00000003", "step_00000002_hf", "step_00000001_backup", "step_00000009_old", "step_notes.tmp"])
+        ["step_00000003", "step_00000002_hf", "step_00000001_backup", "step_00000009_old", "step_notes.tmp"])
 
 
 def _equal(a, b) -> bool:
@@ -327,7 +322,7 @@ def test_kill_while_pruning_leaves_no_folder_behind(jobs, tmp_path):
     assert rc == -signal.SIGKILL, log[-4000:]
     rc, log, _ = jobs.run("load_save", tmp_path, ["checkpoint.keep_last=1"])
     assert rc == 0 and "resumed step 3 " in log, log[-4000:]
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step_00000004"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000004"]
 
 
 def test_resume_with_nothing_left_to_do_exits_before_the_engine(step1_run, tmp_path):

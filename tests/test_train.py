@@ -242,8 +242,11 @@ def _wait_for(predicate, proc, log: Path, timeout: float):
 
 
 def _latest(out: Path) -> int:
-    f = out / "checkpoints" / "latest"
-    return int(f.read_text()) if f.is_file() and f.read_text().strip() else -1
+    """The step of the run's newest complete checkpoint (-1: none yet)."""
+    from megatron_papo.trainer.checkpoint import complete_checkpoints
+
+    done = complete_checkpoints(out / "checkpoints")
+    return int(done[-1].name.removeprefix("step_")) if done else -1
 
 
 def _unreferenced(names: set[str]) -> set[str]:
@@ -464,7 +467,7 @@ def test_exact_modes_and_options_at_pp2_dp2_equal_tp1(answering_hf_dir, tmp_path
         assert row["kl_prcp"] > 0 and row["masked_entropy"] > 0 and row["ref_kl"] != 0, row
         assert row["ratio_mean"] != 1.0, row  # epoch 2 sees a policy its first epoch moved
     for run in (ref, pp):
-        assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step_00000001", "step_00000002"]
+        assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000001", "step_00000002"]
     wr, wp = _weights(ref / "checkpoints" / "step_00000002"), _weights(pp / "checkpoints" / "step_00000002")
     initial = _hf_tensors(answering_hf_dir)
     assert wr.keys() == wp.keys() == initial.keys()

@@ -8,16 +8,14 @@ Layout under `save_dir`:
     step_00000020.tmp/          a save in progress (or killed): never read, removed by the next save
     step_00000000.deleted.tmp/  a checkpoint being deleted (keep_last), renamed first so that a kill
                                 never leaves a half-deleted step_* folder; removed by the next save
-    latest                      text file with the newest complete step, replaced atomically (for
-                                people and tools: resume=auto reads the step_* folders themselves)
 Only these names are ours: a user's `step_00000010_hf` export or `step_00000010_backup` copy beside
 them is never read, pruned or removed.
 
 Atomicity: every rank writes into `step_N.tmp`; after a barrier, rank 0 writes COMPLETE, renames
-the directory to `step_N` (one rename: a kill leaves either the old or the new name) and then
-replaces `latest` (write + os.replace). The folder's files are fsynced before COMPLETE is written,
-and the parent folder after the rename. A kill at any point leaves the newest complete step_N whole, and resume=auto takes it (a
-kill between the rename and `latest` leaves `latest` one save behind).
+the directory to `step_N` (one rename: a kill leaves either the old or the new name). The folder's
+files are fsynced before COMPLETE is written, and the parent folder after the rename. A kill at any
+point leaves the newest complete step_N whole, and resume=auto takes it: the newest complete folder
+is the only record of the latest step (no pointer file to fall behind it).
 
 No pickles: a checkpoint may come from anyone, and unpickling runs code. A checkpoint holds tensors
 (weights, optimizer state, every rank's RNG states), `common.pt` (scheduler and optimizer
@@ -254,7 +252,6 @@ def save_checkpoint(cfg: CheckpointConfig, step: int, modules: dict, optimizer, 
             _delete(final)
         os.replace(tmp, final)
         fsync_folder(root)
-        write_text_atomic(root / "latest", f"{step}\n")
         _prune(root, cfg.keep_last)
     dist.barrier()
     return final

@@ -12,7 +12,7 @@ Modes:
     save             a complete checkpoint of step 1 of a trainer moved off its seeded start (weights of
                      policy and reference perturbed, one optimizer step, three scheduler steps, 3 prompts
                      drawn), then a save of step 2 SIGKILLed right after megatron-core wrote its files
-                     (before our rename/`latest`); OUT/state_fresh.pt and OUT/state_saved.pt hold `state`
+                     (before our rename); OUT/state_fresh.pt and OUT/state_saved.pt hold `state`
                      as built and as saved
     load             resume as the trainer does, print the step and a weight checksum, write
                      OUT/state_loaded.pt
