@@ -222,7 +222,9 @@ def check_engine_prompt(sample_id, engine_ids: list[int], expected_ids: list[int
 
 # ------------------------------------------------------------------ rollout engine + weight sync
 def build_engine(cfg: TrainConfig, models: Models, out: Path, ctx: ParallelContext, max_images_per_prompt: int):
-    """This rank's worker of its rollout engine; every rank builds at once (a collective)."""
+    """This rank's worker of its rollout engine; every rank builds at once (a collective). It is
+    returned asleep: it is awake only to take weights (sync_weights) and to generate, so training
+    (the warm-up, the log-prob passes, the updates) runs with its memory free (GPU; a no-op on CPU)."""
     from megatron_papo.rollout.vllm_engine import VLLMEngine, VLLMEngineConfig
 
     folder = out / "rollout_model"  # config + tokenizer + processor; weights arrive by sync (dummy load)
@@ -230,11 +232,13 @@ def build_engine(cfg: TrainConfig, models: Models, out: Path, ctx: ParallelConte
         models.write_model_files(folder)
     dist.barrier()
     r = cfg.rollout
-    return VLLMEngine(VLLMEngineConfig(
+    engine = VLLMEngine(VLLMEngineConfig(
         model_path=str(folder), dtype=r.engine_dtype, tensor_parallel_size=r.tp,
         max_model_len=r.max_prompt_tokens + r.max_new_tokens, seed=cfg.seed,
         gpu_memory_utilization=r.gpu_memory_utilization, load_format="dummy",
         max_images_per_prompt=max(max_images_per_prompt, 1)))
+    engine.sleep()
+    return engine
 
 
 def build_weight_sync(cfg: TrainConfig, models: Models, ctx: ParallelContext):
@@ -248,7 +252,8 @@ def build_weight_sync(cfg: TrainConfig, models: Models, ctx: ParallelContext):
 
 
 def sync_weights(models: Models, engine, weight_sync) -> None:
-    """Push the policy's weights into the rollout engine (collective over all ranks)."""
+    """Push the policy's weights into the rollout engine (collective over all ranks), woken for it."""
     from megatron_papo.models.qwen2_5_vl.param_binding import hf_param_rules
 
+    engine.wake_up()
     weight_sync.sync(hf_param_rules(models.policy[0].module), engine)

@@ -82,9 +82,7 @@ class Trainer:
         fresh = not self.state.sft_done
         if fresh:
             if cfg.sft_steps > 0:
-                self.engine.sleep()  # GPU: the warm-up trains with the engine's memory free, as the RL updates do
                 self.sft_warmup()
-                self.engine.wake_up()
             self.models.copy_policy_to_reference()
             self.state.sft_done = True
             # the RL optimizer has not stepped (fresh Adam moments, scheduler at 0); with bf16 or the
@@ -154,7 +152,6 @@ class Trainer:
         with _timed(phases, "train"):
             train_metrics = self.update(mine)
         with _timed(phases, "sync"):
-            self.engine.wake_up()  # GPU: the engines slept through the update (docs/scaling.md)
             sync_weights(self.models, self.engine, self.weight_sync)
         tokens = sum(e.length for e in experiences)
         metrics = {**rollout_metrics, **mismatch, **train_metrics, **self.data.skip_metrics(),
