@@ -65,7 +65,8 @@ def run_micro_batches(model_chunks: list[torch.nn.Module], micro_batches: list[M
         return []
     model_cfg, config = _unwrap(model_chunks[0]).model_cfg, _unwrap(model_chunks[0]).config
     device = next(model_chunks[0].parameters()).device
-    # on the device one at a time, as the schedule reaches them (a step's share of images does not fit at once)
+    # on the device one at a time, as the schedule reaches them: the step's whole share (images included)
+    # is not in the memory plan, which counts the micro-batches 1F1B keeps in flight (docs/scaling.md)
     batches = [add_position_ids(mb, model_cfg) for mb in micro_batches]
     sequence_split = config.tensor_model_parallel_size if config.sequence_parallel else 1
     outputs: list[dict] = []
